@@ -1,0 +1,77 @@
+# The two commands a newcomer needs: `make run` and `make test`. Everything
+# else they need (virtualenv, generated code, the sidecar runner, Debian
+# packages, a Docker daemon) is built or started on the way.
+
+PYTHON   ?= python3
+VENV     := .venv
+BIN      := $(VENV)/bin
+INSTALLED := $(VENV)/.installed
+GEN      := gen
+GEN_STAMP := $(GEN)/.stamp
+PROTOS   := $(shell find protos -name '*.proto')
+RUNNER   := sidecar/build/sidecar-runner
+DATA_DIR ?= .data
+LISTEN   ?= 127.0.0.1:8980
+
+RUN_PACKAGES  := docker.io busybox-static curl
+TEST_PACKAGES := $(RUN_PACKAGES) bazel-bootstrap bazel-bootstrap-source
+HOST := deploy/local
+
+.PHONY: run test check lint typecheck unit bench build host-run host-test clean
+
+build: $(INSTALLED) $(GEN_STAMP) $(RUNNER)
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(INSTALLED): pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $@
+
+# Generated protobuf/gRPC code lives in gen/ (never edited, never committed)
+# and is put on the virtualenv's path with a .pth file.
+$(GEN_STAMP): $(PROTOS) $(INSTALLED)
+	rm -rf $(GEN) && mkdir -p $(GEN)
+	$(BIN)/python -m grpc_tools.protoc -Iprotos --python_out=$(GEN) --pyi_out=$(GEN) \
+	  --grpc_python_out=$(GEN) $(PROTOS)
+	$(BIN)/python -c 'import site, os; open(os.path.join(site.getsitepackages()[0], "sidecar_executor_gen.pth"), "w").write(os.path.abspath("$(GEN)") + "\n")'
+	touch $@
+
+$(RUNNER): sidecar/runner.c
+	mkdir -p $(dir $@)
+	gcc -static -O2 -Wall -Wextra -Werror -o $@ $<
+
+host-run:
+	$(HOST)/install-host-packages.sh $(RUN_PACKAGES)
+	$(HOST)/ensure-dockerd.sh
+
+host-test:
+	$(HOST)/install-host-packages.sh $(TEST_PACKAGES)
+	$(HOST)/ensure-dockerd.sh
+
+run: build host-run
+	$(BIN)/sidecar-executor serve --listen $(LISTEN) --data-dir $(DATA_DIR)
+
+lint: build
+	$(BIN)/ruff check worker tests bench
+	$(BIN)/ruff format --check worker tests bench
+
+typecheck: build
+	$(BIN)/mypy
+
+unit: build
+	$(BIN)/pytest -q tests/unit
+
+check: lint typecheck unit
+
+test: build host-test
+	$(BIN)/ruff check worker tests bench
+	$(BIN)/mypy
+	$(BIN)/pytest -q tests
+
+bench: build host-test
+	$(BIN)/python -m bench
+
+clean:
+	rm -rf $(VENV) $(GEN) sidecar/build
