@@ -33,8 +33,9 @@ $(INSTALLED): pyproject.toml | $(BIN)/python
 # and is put on the virtualenv's path with a .pth file.
 $(GEN_STAMP): $(PROTOS) $(INSTALLED)
 	rm -rf $(GEN) && mkdir -p $(GEN)
-	$(BIN)/python -m grpc_tools.protoc -Iprotos --python_out=$(GEN) --pyi_out=$(GEN) \
-	  --grpc_python_out=$(GEN) $(PROTOS)
+	$(BIN)/python -m grpc_tools.protoc -Iprotos --python_out=$(GEN) --grpc_python_out=$(GEN) \
+	  --plugin=protoc-gen-mypy=$(BIN)/protoc-gen-mypy --mypy_out=$(GEN) \
+	  --plugin=protoc-gen-mypy_grpc=$(BIN)/protoc-gen-mypy_grpc --mypy_grpc_out=$(GEN) $(PROTOS)
 	$(BIN)/python -c 'import site, os; open(os.path.join(site.getsitepackages()[0], "sidecar_executor_gen.pth"), "w").write(os.path.abspath("$(GEN)") + "\n")'
 	touch $@
 

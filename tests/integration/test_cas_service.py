@@ -1,0 +1,145 @@
+"""The CAS over real gRPC on loopback."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+
+from tests.reapi_client import upload_batch, upload_message
+from tests.serving import RunningService
+from worker.digests import EMPTY_DIGEST, Digest
+from worker.reapi import re_grpc, re_pb2
+
+
+def cas(service: RunningService) -> re_grpc.ContentAddressableStorageStub:
+    return re_grpc.ContentAddressableStorageStub(service.channel)
+
+
+def test_find_missing_reports_only_absent_blobs_and_never_the_empty_blob(
+    service: RunningService,
+) -> None:
+    (present,) = upload_batch(service.channel, b"present")
+    absent = Digest.of(b"absent")
+    response = cas(service).FindMissingBlobs(
+        re_pb2.FindMissingBlobsRequest(
+            blob_digests=[present.to_proto(), absent.to_proto(), EMPTY_DIGEST.to_proto()]
+        )
+    )
+    assert [Digest.from_proto(d) for d in response.missing_blob_digests] == [absent]
+
+
+def test_batch_update_then_batch_read_round_trips(service: RunningService) -> None:
+    blobs = [b"one", b"two", b""]
+    digests = upload_batch(service.channel, *blobs)
+    missing = Digest.of(b"never uploaded")
+    response = cas(service).BatchReadBlobs(
+        re_pb2.BatchReadBlobsRequest(digests=[d.to_proto() for d in [*digests, missing]])
+    )
+    assert [(r.data, r.status.code) for r in response.responses] == [
+        (b"one", 0),
+        (b"two", 0),
+        (b"", 0),
+        (b"", grpc.StatusCode.NOT_FOUND.value[0]),
+    ]
+
+
+def test_batch_update_with_wrong_digest_fails_only_that_blob(service: RunningService) -> None:
+    good = Digest.of(b"good")
+    response = cas(service).BatchUpdateBlobs(
+        re_pb2.BatchUpdateBlobsRequest(
+            requests=[
+                re_pb2.BatchUpdateBlobsRequest.Request(digest=good.to_proto(), data=b"good"),
+                re_pb2.BatchUpdateBlobsRequest.Request(
+                    digest=Digest.of(b"claimed").to_proto(), data=b"actual"
+                ),
+            ]
+        )
+    )
+    codes = [r.status.code for r in response.responses]
+    assert codes == [0, grpc.StatusCode.INVALID_ARGUMENT.value[0]]
+    missing = cas(service).FindMissingBlobs(
+        re_pb2.FindMissingBlobsRequest(blob_digests=[Digest.of(b"claimed").to_proto()])
+    )
+    assert len(missing.missing_blob_digests) == 1
+
+
+def test_batch_over_the_advertised_limit_is_invalid_argument(service: RunningService) -> None:
+    limit = service.service.settings.storage.max_batch_total_size_bytes
+    data = b"z" * (limit + 1)
+    with pytest.raises(grpc.RpcError) as caught:
+        cas(service).BatchUpdateBlobs(
+            re_pb2.BatchUpdateBlobsRequest(
+                requests=[
+                    re_pb2.BatchUpdateBlobsRequest.Request(
+                        digest=Digest.of(data).to_proto(), data=data
+                    )
+                ]
+            )
+        )
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "max_batch_total_size_bytes" in (caught.value.details() or "")
+
+
+def test_bad_hash_length_is_invalid_argument(service: RunningService) -> None:
+    with pytest.raises(grpc.RpcError) as caught:
+        cas(service).FindMissingBlobs(
+            re_pb2.FindMissingBlobsRequest(blob_digests=[re_pb2.Digest(hash="abc", size_bytes=3)])
+        )
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def make_tree(service: RunningService, width: int) -> tuple[Digest, int]:
+    """A root holding `width` subdirectories, each holding one empty subdirectory."""
+    leaf = upload_message(service.channel, re_pb2.Directory())
+    middles = []
+    for i in range(width):
+        middle = re_pb2.Directory(
+            files=[re_pb2.FileNode(name=f"f{i}", digest=EMPTY_DIGEST.to_proto())],
+            directories=[re_pb2.DirectoryNode(name="leaf", digest=leaf.to_proto())],
+        )
+        middles.append(upload_message(service.channel, middle))
+    root = re_pb2.Directory(
+        directories=[
+            re_pb2.DirectoryNode(name=f"d{i:03}", digest=d.to_proto())
+            for i, d in enumerate(middles)
+        ]
+    )
+    return upload_message(service.channel, root), 1 + 2 * width
+
+
+def test_get_tree_pages_through_every_directory(service: RunningService) -> None:
+    root, count = make_tree(service, width=7)
+    seen: list[re_pb2.Directory] = []
+    token = ""
+    pages = 0
+    while True:
+        (response,) = list(
+            cas(service).GetTree(
+                re_pb2.GetTreeRequest(root_digest=root.to_proto(), page_size=4, page_token=token)
+            )
+        )
+        seen.extend(response.directories)
+        pages += 1
+        token = response.next_page_token
+        if not token:
+            break
+    assert len(seen) == count
+    assert pages == 4
+    assert len(seen[0].directories) == 7  # breadth first: the root comes first
+
+
+def test_get_tree_of_missing_root_is_not_found(service: RunningService) -> None:
+    with pytest.raises(grpc.RpcError) as caught:
+        list(cas(service).GetTree(re_pb2.GetTreeRequest(root_digest=Digest.of(b"?").to_proto())))
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_get_tree_with_forged_page_token_is_invalid_argument(service: RunningService) -> None:
+    root, _ = make_tree(service, width=1)
+    with pytest.raises(grpc.RpcError) as caught:
+        list(
+            cas(service).GetTree(
+                re_pb2.GetTreeRequest(root_digest=root.to_proto(), page_token="garbage!")
+            )
+        )
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT

@@ -1,0 +1,44 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pydantic
+import pytest
+
+from worker.config import load_settings
+
+
+def test_defaults_bind_loopback() -> None:
+    assert load_settings().server.listen == "127.0.0.1:8980"
+
+
+def test_yaml_file_then_environment_then_flags(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = tmp_path / "c.yaml"
+    config.write_text("server:\n  listen: 127.0.0.1:1111\nstorage:\n  max_bytes: 2097152\n")
+    assert load_settings(config).server.listen == "127.0.0.1:1111"
+    monkeypatch.setenv("SIDECAR_EXECUTOR_SERVER__LISTEN", "127.0.0.1:2222")
+    settings = load_settings(config)
+    assert settings.server.listen == "127.0.0.1:2222"
+    assert settings.storage.max_bytes == 2097152
+    assert load_settings(config, server={"listen": "127.0.0.1:3333"}).server.listen == (
+        "127.0.0.1:3333"
+    )
+
+
+def test_unknown_field_in_file_is_an_error_naming_it(tmp_path: Path) -> None:
+    config = tmp_path / "c.yaml"
+    config.write_text("storage:\n  max_bytez: 5\n")
+    with pytest.raises(pydantic.ValidationError, match="max_bytez"):
+        load_settings(config)
+
+
+def test_batch_limit_must_fit_in_a_message() -> None:
+    with pytest.raises(pydantic.ValidationError, match="max_batch_total_size_bytes"):
+        load_settings(storage={"max_batch_total_size_bytes": 64 << 20})
+
+
+def test_missing_config_file_is_reported() -> None:
+    with pytest.raises(FileNotFoundError):
+        load_settings(Path("/nonexistent/config.yaml"))

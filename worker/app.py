@@ -1,0 +1,105 @@
+"""Wiring only: settings -> storage -> servicers -> one grpc.aio server."""
+
+from __future__ import annotations
+
+import logging
+import socket
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+
+from worker.cas.action_cache import DiskActionCache
+from worker.cas.disk_store import DiskBlobStore
+from worker.cas.uploads import UploadTracker
+from worker.config import Settings
+from worker.reapi import bs_grpc, bs_pb2, re_grpc, re_pb2
+from worker.server.action_cache import ActionCacheServicer
+from worker.server.bytestream import ByteStreamServicer
+from worker.server.capabilities import CapabilitiesServicer, server_capabilities
+from worker.server.cas import ContentAddressableStorageServicer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Storage:
+    blobs: DiskBlobStore
+    action_cache: DiskActionCache
+    uploads: UploadTracker
+
+
+def open_storage(settings: Settings) -> Storage:
+    blobs = DiskBlobStore(settings.data_dir / "cas", settings.storage.max_bytes)
+    return Storage(
+        blobs=blobs,
+        action_cache=DiskActionCache(settings.data_dir / "action-cache", blobs),
+        uploads=UploadTracker(blobs, ttl_s=settings.storage.upload_ttl_s),
+    )
+
+
+class Service:
+    """The whole service in one process: call start(), then wait() or stop()."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.worker_name = settings.server.worker_name or socket.gethostname()
+        self.storage = open_storage(settings)
+        max_message = settings.server.max_message_bytes
+        self.server = grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", max_message),
+                ("grpc.max_send_message_length", max_message),
+            ]
+        )
+        self.port = 0
+        self._health = HealthServicer()
+        self._add_servicers()
+
+    def _add_servicers(self) -> None:
+        storage, server = self.storage, self.server
+        capabilities = server_capabilities(
+            self.settings.storage.max_batch_total_size_bytes, execution_enabled=False
+        )
+        re_grpc.add_CapabilitiesServicer_to_server(CapabilitiesServicer(capabilities), server)
+        re_grpc.add_ContentAddressableStorageServicer_to_server(
+            ContentAddressableStorageServicer(
+                storage.blobs, self.settings.storage.max_batch_total_size_bytes
+            ),
+            server,
+        )
+        bs_grpc.add_ByteStreamServicer_to_server(
+            ByteStreamServicer(storage.blobs, storage.uploads), server
+        )
+        re_grpc.add_ActionCacheServicer_to_server(
+            ActionCacheServicer(storage.action_cache, storage.blobs), server
+        )
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        names = [
+            re_pb2.DESCRIPTOR.services_by_name[name].full_name
+            for name in ("Capabilities", "ContentAddressableStorage", "ActionCache")
+        ]
+        names.append(bs_pb2.DESCRIPTOR.services_by_name["ByteStream"].full_name)
+        names.append(health_pb2.DESCRIPTOR.services_by_name["Health"].full_name)
+        reflection.enable_server_reflection([*names, reflection.SERVICE_NAME], server)
+        self._service_names = names
+
+    async def start(self) -> None:
+        self.port = self.server.add_insecure_port(self.settings.server.listen)
+        if self.port == 0:
+            raise OSError(f"cannot listen on {self.settings.server.listen}")
+        await self.server.start()
+        for name in ["", *self._service_names]:
+            await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        host = self.settings.server.listen.rpartition(":")[0]
+        log.info("serving REAPI v2 on %s:%d (data in %s)", host, self.port, self.settings.data_dir)
+
+    async def stop(self, grace_s: float = 5.0) -> None:
+        await self._health.enter_graceful_shutdown()
+        await self.server.stop(grace_s)
+        self.storage.uploads.close()
+
+    async def wait(self) -> None:
+        await self.server.wait_for_termination()

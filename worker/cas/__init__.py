@@ -1,0 +1,1 @@
+"""Content-addressable storage and the action cache, both on local disk."""

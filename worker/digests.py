@@ -1,0 +1,53 @@
+"""Blob digests (SHA-256 only): validation, hashing, and conversion to and from the proto."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+
+from worker.errors import InvalidArgument
+from worker.reapi import re_pb2
+
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+
+
+@dataclass(frozen=True, slots=True)
+class Digest:
+    """A validated SHA-256 digest: 64 lowercase hex characters and a size in bytes."""
+
+    hash: str
+    size: int
+
+    def __post_init__(self) -> None:
+        if not _HEX64.fullmatch(self.hash):
+            raise InvalidArgument(
+                f"digest hash {self.hash!r} is not 64 lowercase hex characters (SHA-256)"
+            )
+        if self.size < 0:
+            raise InvalidArgument(f"digest size {self.size} is negative")
+
+    @classmethod
+    def from_proto(cls, proto: re_pb2.Digest) -> Digest:
+        return cls(proto.hash, proto.size_bytes)
+
+    @classmethod
+    def of(cls, data: bytes) -> Digest:
+        return cls(hashlib.sha256(data).hexdigest(), len(data))
+
+    def to_proto(self) -> re_pb2.Digest:
+        return re_pb2.Digest(hash=self.hash, size_bytes=self.size)
+
+    @property
+    def is_empty(self) -> bool:
+        return self.size == 0
+
+    def subject(self) -> str:
+        """The PreconditionFailure subject for this blob."""
+        return f"blobs/{self.hash}/{self.size}"
+
+    def __str__(self) -> str:
+        return f"{self.hash}/{self.size}"
+
+
+EMPTY_DIGEST = Digest.of(b"")
