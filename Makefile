@@ -55,8 +55,8 @@ run: build host-run
 	$(BIN)/sidecar-executor serve --listen $(LISTEN) --data-dir $(DATA_DIR)
 
 lint: build
-	$(BIN)/ruff check worker tests bench
-	$(BIN)/ruff format --check worker tests bench
+	$(BIN)/ruff check
+	$(BIN)/ruff format --check
 
 typecheck: build
 	$(BIN)/mypy
@@ -67,7 +67,7 @@ unit: build
 check: lint typecheck unit
 
 test: build host-test
-	$(BIN)/ruff check worker tests bench
+	$(BIN)/ruff check
 	$(BIN)/mypy
 	$(BIN)/pytest -q tests
 
