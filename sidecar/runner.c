@@ -61,10 +61,39 @@ static int write_file_atomically(const char *path, const char *text) {
     return rename(tmp, path);
 }
 
+/*
+ * The container's count of OOM kills, from its memory cgroup (v1 memory.oom_control or
+ * v2 memory.events, both "oom_kill N"); -1 if neither is readable. Compared before and
+ * after the action, because an OOM kill of an exec'd process is not in the container state.
+ */
+static long oom_kills(void) {
+    static const char *paths[] = {"/sys/fs/cgroup/memory/memory.oom_control",
+                                  "/sys/fs/cgroup/memory.events"};
+    for (size_t i = 0; i < sizeof paths / sizeof paths[0]; i++) {
+        FILE *file = fopen(paths[i], "re");
+        if (!file) continue;
+        char key[64];
+        long value;
+        while (fscanf(file, "%63s %ld", key, &value) == 2) {
+            if (strcmp(key, "oom_kill") == 0) {
+                fclose(file);
+                return value;
+            }
+        }
+        fclose(file);
+    }
+    return -1;
+}
+
+static long oom_kills_before = -1;
+
 /* Writes "key=value" lines the worker parses; the last word wins if run twice. */
 static void report(const char *outcome, int code, int strays) {
+    long after = oom_kills();
+    long oom = (oom_kills_before >= 0 && after >= 0) ? after - oom_kills_before : 0;
     char text[256];
-    snprintf(text, sizeof text, "outcome=%s\ncode=%d\nstrays_killed=%d\n", outcome, code, strays);
+    snprintf(text, sizeof text, "outcome=%s\ncode=%d\nstrays_killed=%d\noom_kills=%ld\n",
+             outcome, code, strays, oom);
     if (write_file_atomically(status_path, text) != 0) {
         fprintf(stderr, "sidecar-runner: cannot write %s: %s\n", status_path, strerror(errno));
     }
@@ -146,6 +175,7 @@ static int run_action(const char *action_dir, long long timeout_ms, const char *
     snprintf(pid_text, sizeof pid_text, "%d\n", (int)getpid());
     write_file_atomically(pid_path, pid_text);
 
+    oom_kills_before = oom_kills();
     if (prctl(PR_SET_CHILD_SUBREAPER, 1) != 0) {
         report("runner_error", errno, 0);
         return EXIT_RUNNER_ERROR;

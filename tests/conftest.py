@@ -13,10 +13,46 @@ from worker.config import Settings, load_settings
 
 @pytest.fixture
 def settings(tmp_path: Path) -> Settings:
-    return load_settings(data_dir=tmp_path / "data", server={"listen": "127.0.0.1:0"})
+    """A cache-only server (no Docker needed); execution tests build their own settings."""
+    return load_settings(
+        data_dir=tmp_path / "data",
+        server={"listen": "127.0.0.1:0"},
+        execution={"enabled": False},
+    )
 
 
 @pytest.fixture
 def service(settings: Settings) -> Iterator[RunningService]:
     with running_service(settings) as running:
+        yield running
+
+
+@pytest.fixture(scope="session")
+def test_images() -> None:
+    """Builds the offline test images once per session (needs the Docker daemon)."""
+    from tests.images import ensure_test_images
+
+    ensure_test_images()
+
+
+@pytest.fixture
+def exec_settings(tmp_path: Path, test_images: None) -> Settings:
+    """A server with execution: small pools, short timeouts, test images allowed."""
+    return load_settings(
+        data_dir=tmp_path / "data",
+        server={"listen": "127.0.0.1:0", "worker_name": f"test-{tmp_path.name}"},
+        execution={
+            "max_concurrent_actions": 4,
+            "default_timeout_s": 60,
+            "max_timeout_s": 120,
+            "pull_timeout_s": 20,
+            "allowed_images": ["sidecar-test/*", "registry.invalid/*"],
+            "pool": {"max_sidecars": 2},
+        },
+    )
+
+
+@pytest.fixture
+def exec_service(exec_settings: Settings) -> Iterator[RunningService]:
+    with running_service(exec_settings) as running:
         yield running

@@ -1,4 +1,4 @@
-"""Wiring only: settings -> storage -> servicers -> one grpc.aio server."""
+"""Wiring only: settings -> storage (+ execution) -> servicers -> one grpc.aio server."""
 
 from __future__ import annotations
 
@@ -15,11 +15,13 @@ from worker.cas.action_cache import DiskActionCache
 from worker.cas.disk_store import DiskBlobStore
 from worker.cas.uploads import UploadTracker
 from worker.config import Settings
-from worker.reapi import bs_grpc, bs_pb2, re_grpc, re_pb2
+from worker.execution.wiring import ExecutionSide
+from worker.reapi import bs_grpc, bs_pb2, ops_grpc, ops_pb2, re_grpc, re_pb2
 from worker.server.action_cache import ActionCacheServicer
 from worker.server.bytestream import ByteStreamServicer
 from worker.server.capabilities import CapabilitiesServicer, server_capabilities
 from worker.server.cas import ContentAddressableStorageServicer
+from worker.server.execution import ExecutionServicer, OperationsServicer
 
 log = logging.getLogger(__name__)
 
@@ -56,12 +58,18 @@ class Service:
         )
         self.port = 0
         self._health = HealthServicer()
+        self.execution: ExecutionSide | None = None
+        if settings.execution.enabled:
+            self.execution = ExecutionSide(
+                settings, self.worker_name, self.storage.blobs, self.storage.action_cache
+            )
         self._add_servicers()
 
     def _add_servicers(self) -> None:
         storage, server = self.storage, self.server
         capabilities = server_capabilities(
-            self.settings.storage.max_batch_total_size_bytes, execution_enabled=False
+            self.settings.storage.max_batch_total_size_bytes,
+            execution_enabled=self.execution is not None,
         )
         re_grpc.add_CapabilitiesServicer_to_server(CapabilitiesServicer(capabilities), server)
         re_grpc.add_ContentAddressableStorageServicer_to_server(
@@ -77,16 +85,26 @@ class Service:
             ActionCacheServicer(storage.action_cache, storage.blobs), server
         )
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
-        names = [
-            re_pb2.DESCRIPTOR.services_by_name[name].full_name
-            for name in ("Capabilities", "ContentAddressableStorage", "ActionCache")
-        ]
+        reapi_services = ["Capabilities", "ContentAddressableStorage", "ActionCache"]
+        if self.execution is not None:
+            re_grpc.add_ExecutionServicer_to_server(
+                ExecutionServicer(self.execution.service), server
+            )
+            ops_grpc.add_OperationsServicer_to_server(
+                OperationsServicer(self.execution.service), server
+            )
+            reapi_services.append("Execution")
+        names = [re_pb2.DESCRIPTOR.services_by_name[name].full_name for name in reapi_services]
+        if self.execution is not None:
+            names.append(ops_pb2.DESCRIPTOR.services_by_name["Operations"].full_name)
         names.append(bs_pb2.DESCRIPTOR.services_by_name["ByteStream"].full_name)
         names.append(health_pb2.DESCRIPTOR.services_by_name["Health"].full_name)
         reflection.enable_server_reflection([*names, reflection.SERVICE_NAME], server)
         self._service_names = names
 
     async def start(self) -> None:
+        if self.execution is not None:
+            await self.execution.start()
         self.port = self.server.add_insecure_port(self.settings.server.listen)
         if self.port == 0:
             raise OSError(f"cannot listen on {self.settings.server.listen}")
@@ -98,6 +116,8 @@ class Service:
 
     async def stop(self, grace_s: float = 5.0) -> None:
         await self._health.enter_graceful_shutdown()
+        if self.execution is not None:
+            await self.execution.close()
         await self.server.stop(grace_s)
         self.storage.uploads.close()
 

@@ -41,6 +41,67 @@ class StorageSettings(Section):
     upload_ttl_s: float = Field(3600, gt=0, description="how long an idle partial upload is kept")
 
 
+class PoolSettings(Section):
+    """One pool of sidecars of one image (and user, network, limits)."""
+
+    min_idle: int = Field(0, ge=0, description="sidecars kept warm even when unused")
+    max_sidecars: int = Field(4, ge=1)
+    idle_ttl_s: float = Field(
+        300, gt=0, description="an idle sidecar above min_idle goes after this"
+    )
+    max_actions_per_sidecar: int = Field(1000, ge=1, description="recycled after this many actions")
+    max_age_s: float = Field(3600, gt=0, description="recycled once this old")
+    actions_per_sidecar: int = Field(1, ge=1, description="concurrent actions in one sidecar")
+    cpus: float | None = Field(None, gt=0, description="CPU limit of each sidecar")
+    memory_bytes: int | None = Field(None, ge=16 * MiB, description="memory limit of each sidecar")
+    pids_limit: int | None = Field(4096, ge=16, description="process limit of each sidecar")
+
+
+class ExecutionSettings(Section):
+    enabled: bool = Field(True, description="serve Execution; false makes a cache-only server")
+    docker_url: str = "unix:///var/run/docker.sock"
+    runner_path: Path | None = Field(
+        None, description="the static sidecar runner; default: the one `make` builds"
+    )
+    exec_root: Path | None = Field(
+        None, description="shared with the sidecars at the same path; default DATA_DIR/exec"
+    )
+    max_concurrent_actions: int = Field(4, ge=1)
+    queue_size: int = Field(1000, ge=1, description="queued actions above this: RESOURCE_EXHAUSTED")
+    default_timeout_s: float = Field(900, gt=0)
+    max_timeout_s: float = Field(3600, gt=0)
+    default_image: str | None = Field(None, description="for actions that name no image")
+    allowed_images: list[str] = Field(["*"], description="fnmatch patterns of allowed images")
+    default_user: str = Field("65534:65534", description="numeric uid:gid actions run as")
+    allow_root: bool = Field(False, description="allow dockerRunAsRoot / dockerUser=0")
+    allowed_networks: list[str] = Field(["none"], description="values dockerNetwork may take")
+    ignored_properties: list[str] = Field(
+        [], description="platform properties to accept and ignore"
+    )
+    pull_timeout_s: float = Field(300, gt=0)
+    pool: PoolSettings = PoolSettings()
+    image_pools: dict[str, PoolSettings] = Field(
+        {}, description="per-image pool settings; min_idle > 0 pre-warms the image at startup"
+    )
+
+    @field_validator("default_user")
+    @classmethod
+    def _numeric_user(cls, value: str) -> str:
+        uid, sep, gid = value.partition(":")
+        if not (uid.isdigit() and sep and gid.isdigit()):
+            raise ValueError(f"{value!r} is not a numeric uid:gid")
+        return value
+
+    @model_validator(mode="after")
+    def _timeouts_ordered(self) -> ExecutionSettings:
+        if self.default_timeout_s > self.max_timeout_s:
+            raise ValueError("default_timeout_s must not exceed max_timeout_s")
+        return self
+
+    def pool_for(self, image: str) -> PoolSettings:
+        return self.image_pools.get(image, self.pool)
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="SIDECAR_EXECUTOR_", env_nested_delimiter="__", extra="forbid"
@@ -49,6 +110,7 @@ class Settings(BaseSettings):
     data_dir: Path = Field(Path(".data"), description="CAS, action cache and exec roots")
     server: ServerSettings = ServerSettings()
     storage: StorageSettings = StorageSettings()
+    execution: ExecutionSettings = ExecutionSettings()
 
     @model_validator(mode="after")
     def _batch_fits_in_a_message(self) -> Settings:
@@ -58,6 +120,10 @@ class Settings(BaseSettings):
                 "server.max_message_bytes"
             )
         return self
+
+    @property
+    def exec_root(self) -> Path:
+        return (self.execution.exec_root or self.data_dir / "exec").absolute()
 
 
 def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:

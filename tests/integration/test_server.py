@@ -122,7 +122,9 @@ def test_disk_full_is_resource_exhausted_and_the_store_stays_consistent(tmp_path
     try:
         from worker.config import load_settings
 
-        settings = load_settings(data_dir=mount, server={"listen": "127.0.0.1:0"})
+        settings = load_settings(
+            data_dir=mount, server={"listen": "127.0.0.1:0"}, execution={"enabled": False}
+        )
         with running_service(settings) as service:
             small = b"fits" * 1000
             bytestream_write(service.channel, small)

@@ -1,0 +1,86 @@
+"""Test images built offline: busybox-static images A and B, and a no-shell single-binary image."""
+
+from __future__ import annotations
+
+import io
+import subprocess
+import tarfile
+import tempfile
+from pathlib import Path
+
+import docker
+
+BUSYBOX = Path("/bin/busybox")
+HERE = Path(__file__).parent
+
+IMAGE_A = "sidecar-test/busybox-a:1"
+IMAGE_B = "sidecar-test/busybox-b:1"
+NO_SHELL = "sidecar-test/noshell:1"
+
+
+def _add(tar: tarfile.TarFile, name: str, data: bytes, mode: int = 0o644) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mode = mode
+    tar.addfile(info, io.BytesIO(data))
+
+
+def _add_dir(tar: tarfile.TarFile, name: str, mode: int = 0o755) -> None:
+    info = tarfile.TarInfo(name)
+    info.type = tarfile.DIRTYPE
+    info.mode = mode
+    tar.addfile(info)
+
+
+def _busybox_rootfs(marker: str) -> bytes:
+    """A root filesystem with static busybox, its applets, and /etc/image-name."""
+    applets = subprocess.run(
+        [str(BUSYBOX), "--list"], capture_output=True, text=True, check=True
+    ).stdout.split()
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        for directory in ("bin", "etc", "tmp"):
+            _add_dir(tar, directory, 0o1777 if directory == "tmp" else 0o755)
+        _add(tar, "bin/busybox", BUSYBOX.read_bytes(), 0o755)
+        for applet in applets:
+            if applet != "busybox":
+                link = tarfile.TarInfo(f"bin/{applet}")
+                link.type = tarfile.SYMTYPE
+                link.linkname = "busybox"
+                tar.addfile(link)
+        _add(tar, "etc/image-name", f"{marker}\n".encode())
+        _add(tar, f"etc/only-in-{marker}", b"yes\n")
+    return buffer.getvalue()
+
+
+def _no_shell_rootfs() -> bytes:
+    with tempfile.TemporaryDirectory() as temp:
+        binary = Path(temp) / "tool"
+        subprocess.run(
+            ["gcc", "-static", "-O2", "-o", str(binary), str(HERE / "tool.c")], check=True
+        )
+        buffer = io.BytesIO()
+        with tarfile.open(fileobj=buffer, mode="w") as tar:
+            _add(tar, "tool", binary.read_bytes(), 0o755)
+        return buffer.getvalue()
+
+
+def _import(client: docker.APIClient, reference: str, rootfs: bytes, env_path: str) -> None:
+    repository, tag = reference.rsplit(":", 1)
+    client.import_image_from_data(
+        rootfs, repository=repository, tag=tag, changes=[f"ENV PATH={env_path}"]
+    )
+
+
+def ensure_test_images() -> None:
+    """Builds the test images unless they exist already (idempotent, offline)."""
+    client = docker.APIClient(version="auto")
+    try:
+        present = {tag for image in client.images() for tag in image.get("RepoTags") or []}
+        for reference, marker in ((IMAGE_A, "image-a"), (IMAGE_B, "image-b")):
+            if reference not in present:
+                _import(client, reference, _busybox_rootfs(marker), "/bin")
+        if NO_SHELL not in present:
+            _import(client, NO_SHELL, _no_shell_rootfs(), "/")
+    finally:
+        client.close()

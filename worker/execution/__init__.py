@@ -1,0 +1,1 @@
+"""Remote execution: platform resolution, staging, running in sidecars, outputs, scheduling."""

@@ -1,0 +1,138 @@
+"""Long-running operations: their state, change notification, and a bounded store of them."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Callable
+
+from worker.digests import Digest
+from worker.errors import InvalidArgument, NotFound
+from worker.reapi import ops_pb2, re_pb2, status_pb2
+
+Stage = re_pb2.ExecutionStage
+
+
+class OperationState:
+    """One Execute operation. Changes wake every stream that follows it."""
+
+    def __init__(
+        self, name: str, action_digest: Digest, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.name = name
+        self._clock = clock
+        self.action_digest = action_digest
+        self.stage: re_pb2.ExecutionStage.Value.ValueType = Stage.CACHE_CHECK
+        self.response: re_pb2.ExecuteResponse | None = None
+        self.error: status_pb2.Status | None = None
+        self.cancel_requested = asyncio.Event()
+        self.watchers = 0
+        self.metadata = re_pb2.ExecutedActionMetadata()
+        self.finished_at: float | None = None
+        self._changed = asyncio.Event()
+
+    @property
+    def done(self) -> bool:
+        return self.response is not None or self.error is not None
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    def set_stage(self, stage: re_pb2.ExecutionStage.Value.ValueType) -> None:
+        if not self.done and stage != self.stage:
+            self.stage = stage
+            self._notify()
+
+    def finish(self, response: re_pb2.ExecuteResponse) -> None:
+        if not self.done:
+            self.stage = Stage.COMPLETED
+            self.response = response
+            self.finished_at = self._clock()
+            self._notify()
+
+    def fail(self, error: status_pb2.Status) -> None:
+        """Ends the operation with an error of its own (not the action's): CANCELLED, say."""
+        if not self.done:
+            self.stage = Stage.COMPLETED
+            self.error = error
+            self.finished_at = self._clock()
+            self._notify()
+
+    def to_proto(self) -> ops_pb2.Operation:
+        operation = ops_pb2.Operation(name=self.name, done=self.done)
+        operation.metadata.Pack(
+            re_pb2.ExecuteOperationMetadata(
+                stage=self.stage, action_digest=self.action_digest.to_proto()
+            )
+        )
+        if self.response is not None:
+            operation.response.Pack(self.response)
+        elif self.error is not None:
+            operation.error.CopyFrom(self.error)
+        return operation
+
+    async def updates(self) -> AsyncIterator[ops_pb2.Operation]:
+        """The current state, then every change, ending after the final (done) state."""
+        while True:
+            changed = self._changed
+            yield self.to_proto()
+            if self.done:
+                return
+            await changed.wait()
+
+
+class OperationStore:
+    """Keeps running operations, and finished ones for `keep_done_s` (at most `max_done`)."""
+
+    def __init__(
+        self,
+        keep_done_s: float = 3600,
+        max_done: int = 10_000,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._keep_done_s = keep_done_s
+        self._max_done = max_done
+        self._clock = clock
+        self._operations: OrderedDict[str, OperationState] = OrderedDict()
+
+    def create(self, action_digest: Digest) -> OperationState:
+        self._prune()
+        state = OperationState(f"operations/{uuid.uuid4()}", action_digest, self._clock)
+        self._operations[state.name] = state
+        return state
+
+    def get(self, name: str) -> OperationState:
+        state = self._operations.get(name)
+        if state is None:
+            raise NotFound(f"no operation named {name!r} (finished ones are kept for a while)")
+        return state
+
+    def delete(self, name: str) -> None:
+        self.get(name)
+        del self._operations[name]
+
+    def page(self, page_size: int, page_token: str) -> tuple[list[OperationState], str]:
+        if page_size < 0:
+            raise InvalidArgument(f"page_size {page_size} is negative")
+        names = list(self._operations)
+        start = 0
+        if page_token:
+            if page_token not in self._operations:
+                raise InvalidArgument(f"page_token {page_token!r} is not valid (any more)")
+            start = names.index(page_token)
+        size = page_size or 100
+        chosen = names[start : start + size]
+        following = names[start + size] if start + size < len(names) else ""
+        return [self._operations[n] for n in chosen], following
+
+    def _prune(self) -> None:
+        cutoff = self._clock() - self._keep_done_s
+        done = [s for s in self._operations.values() if s.finished_at is not None]
+        excess = len(done) - self._max_done
+        for state in done:
+            if excess > 0 or (state.finished_at is not None and state.finished_at < cutoff):
+                del self._operations[state.name]
+                excess -= 1

@@ -1,0 +1,170 @@
+"""The execution domain: cache check, de-duplication, a bounded priority queue, action slots."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import heapq
+import itertools
+import logging
+from typing import Protocol
+
+import anyio
+import grpc
+
+from worker.cas.action_cache import DiskActionCache
+from worker.digests import Digest
+from worker.errors import Cancelled, NotFound, ResourceExhausted, to_status_proto
+from worker.execution.executor import now
+from worker.execution.operations import OperationState, OperationStore, Stage
+from worker.reapi import re_pb2, status_pb2
+
+
+class Executor(Protocol):
+    async def execute(
+        self,
+        action_digest: Digest,
+        metadata: re_pb2.ExecutedActionMetadata,
+        cancelled: asyncio.Event,
+    ) -> tuple[re_pb2.ExecuteResponse, re_pb2.Action | None]: ...
+
+
+log = logging.getLogger(__name__)
+
+CANCELLED_STATUS = status_pb2.Status(
+    code=grpc.StatusCode.CANCELLED.value[0], message="the operation was cancelled"
+)
+
+
+class ExecutionService:
+    """Turns Execute requests into operations and runs them, `slots` at a time.
+
+    Identical actions in flight share one operation. Results with exit code 0, an OK
+    status and no do_not_cache go into the action cache.
+    """
+
+    def __init__(
+        self,
+        executor: Executor,
+        action_cache: DiskActionCache,
+        operations: OperationStore,
+        slots: int,
+        queue_size: int,
+    ) -> None:
+        self._executor = executor
+        self._action_cache = action_cache
+        self.operations = operations
+        self._slots = slots
+        self._queue_size = queue_size
+        self._queue: list[tuple[int, int, OperationState]] = []
+        self._order = itertools.count()
+        self._queued = asyncio.Condition()
+        self._in_flight: dict[Digest, OperationState] = {}
+        self._workers: list[asyncio.Task[None]] = []
+
+    @property
+    def queue_length(self) -> int:
+        return len(self._queue)
+
+    def start(self) -> None:
+        self._workers = [asyncio.create_task(self._work()) for _ in range(self._slots)]
+
+    async def close(self) -> None:
+        for state in list(self._in_flight.values()):
+            state.cancel_requested.set()
+        for worker in self._workers:
+            worker.cancel()
+        for worker in self._workers:
+            with contextlib.suppress(asyncio.CancelledError):
+                await worker
+        for state in list(self._in_flight.values()):
+            state.fail(CANCELLED_STATUS)
+
+    async def execute(
+        self, action_digest: Digest, skip_cache_lookup: bool, priority: int
+    ) -> OperationState:
+        if not skip_cache_lookup:
+            cached = await self._cached(action_digest)
+            if cached is not None:
+                state = self.operations.create(action_digest)
+                state.finish(re_pb2.ExecuteResponse(result=cached, cached_result=True))
+                return state
+        running = self._in_flight.get(action_digest)
+        if running is not None and not running.done:
+            return running
+        if len(self._queue) >= self._queue_size:
+            raise ResourceExhausted(
+                f"the execution queue is full ({self._queue_size} actions); retry later"
+            )
+        state = self.operations.create(action_digest)
+        state.metadata.queued_timestamp.CopyFrom(now())
+        state.set_stage(Stage.QUEUED)
+        self._in_flight[action_digest] = state
+        async with self._queued:
+            heapq.heappush(self._queue, (priority, next(self._order), state))
+            self._queued.notify()
+        return state
+
+    async def _cached(self, action_digest: Digest) -> re_pb2.ActionResult | None:
+        try:
+            return await anyio.to_thread.run_sync(self._action_cache.get, action_digest)
+        except NotFound:
+            return None
+
+    def cancel(self, name: str) -> None:
+        state = self.operations.get(name)
+        if state.done:
+            return
+        state.cancel_requested.set()
+        if state.stage == Stage.QUEUED:
+            # Not started: it is skipped when it reaches the head of the queue.
+            self._finish_cancelled(state)
+
+    def _finish_cancelled(self, state: OperationState) -> None:
+        state.fail(CANCELLED_STATUS)
+        if self._in_flight.get(state.action_digest) is state:
+            del self._in_flight[state.action_digest]
+
+    async def _work(self) -> None:
+        while True:
+            async with self._queued:
+                while not self._queue:
+                    await self._queued.wait()
+                _, _, state = heapq.heappop(self._queue)
+            if state.done:
+                continue
+            try:
+                await self._run(state)
+            except Exception:
+                log.exception("executing %s failed unexpectedly", state.action_digest)
+                state.fail(
+                    status_pb2.Status(
+                        code=grpc.StatusCode.INTERNAL.value[0], message="internal error"
+                    )
+                )
+            finally:
+                if self._in_flight.get(state.action_digest) is state:
+                    del self._in_flight[state.action_digest]
+
+    async def _run(self, state: OperationState) -> None:
+        state.set_stage(Stage.EXECUTING)
+        try:
+            response, action = await self._executor.execute(
+                state.action_digest, state.metadata, state.cancel_requested
+            )
+        except Cancelled as error:
+            state.fail(to_status_proto(error))
+            return
+        if (
+            action is not None
+            and not action.do_not_cache
+            and response.status.code == 0
+            and response.result.exit_code == 0
+        ):
+            try:
+                await anyio.to_thread.run_sync(
+                    self._action_cache.put, state.action_digest, response.result
+                )
+            except Exception as error:
+                log.warning("could not cache the result of %s: %s", state.action_digest, error)
+        state.finish(response)

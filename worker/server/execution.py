@@ -1,0 +1,106 @@
+"""Execution (Execute, WaitExecution) and Operations (Get, List, Cancel, Delete) servicers."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+from google.protobuf import empty_pb2
+
+from worker.digests import Digest
+from worker.execution.operations import OperationState
+from worker.execution.service import ExecutionService
+from worker.reapi import ops_grpc, ops_pb2, re_grpc, re_pb2
+from worker.server.rpc_errors import rpc_errors
+
+Context = grpc.aio.ServicerContext[Any, Any]
+
+# A client that drops every stream of an operation (and does not come back with
+# WaitExecution within this time) no longer wants it: it is cancelled.
+ABANDON_GRACE_S = 5.0
+
+
+class OperationFollower:
+    """Streams an operation's updates and cancels operations that every client abandoned."""
+
+    def __init__(self, service: ExecutionService, grace_s: float = ABANDON_GRACE_S) -> None:
+        self._service = service
+        self._grace_s = grace_s
+
+    async def follow(self, state: OperationState) -> AsyncIterator[ops_pb2.Operation]:
+        state.watchers += 1
+        try:
+            async for operation in state.updates():
+                yield operation
+        finally:
+            state.watchers -= 1
+            if not state.done and state.watchers == 0:
+                asyncio.get_running_loop().call_later(
+                    self._grace_s, self._cancel_if_abandoned, state
+                )
+
+    def _cancel_if_abandoned(self, state: OperationState) -> None:
+        if not state.done and state.watchers == 0:
+            self._service.cancel(state.name)
+
+
+class ExecutionServicer(re_grpc.ExecutionServicer):
+    def __init__(self, service: ExecutionService) -> None:
+        self._service = service
+        self._follower = OperationFollower(service)
+
+    @rpc_errors
+    async def Execute(
+        self, request: re_pb2.ExecuteRequest, context: Context
+    ) -> AsyncIterator[ops_pb2.Operation]:
+        state = await self._service.execute(
+            Digest.from_proto(request.action_digest),
+            skip_cache_lookup=request.skip_cache_lookup,
+            priority=request.execution_policy.priority,
+        )
+        async for operation in self._follower.follow(state):
+            yield operation
+
+    @rpc_errors
+    async def WaitExecution(
+        self, request: re_pb2.WaitExecutionRequest, context: Context
+    ) -> AsyncIterator[ops_pb2.Operation]:
+        state = self._service.operations.get(request.name)
+        async for operation in self._follower.follow(state):
+            yield operation
+
+
+class OperationsServicer(ops_grpc.OperationsServicer):
+    def __init__(self, service: ExecutionService) -> None:
+        self._service = service
+
+    @rpc_errors
+    async def GetOperation(
+        self, request: ops_pb2.GetOperationRequest, context: Context
+    ) -> ops_pb2.Operation:
+        return self._service.operations.get(request.name).to_proto()
+
+    @rpc_errors
+    async def ListOperations(
+        self, request: ops_pb2.ListOperationsRequest, context: Context
+    ) -> ops_pb2.ListOperationsResponse:
+        states, following = self._service.operations.page(request.page_size, request.page_token)
+        return ops_pb2.ListOperationsResponse(
+            operations=[s.to_proto() for s in states], next_page_token=following
+        )
+
+    @rpc_errors
+    async def CancelOperation(
+        self, request: ops_pb2.CancelOperationRequest, context: Context
+    ) -> empty_pb2.Empty:
+        self._service.cancel(request.name)
+        return empty_pb2.Empty()
+
+    @rpc_errors
+    async def DeleteOperation(
+        self, request: ops_pb2.DeleteOperationRequest, context: Context
+    ) -> empty_pb2.Empty:
+        self._service.operations.delete(request.name)
+        return empty_pb2.Empty()
