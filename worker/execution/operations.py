@@ -78,8 +78,9 @@ class OperationState:
         """The current state, then every change, ending after the final (done) state."""
         while True:
             changed = self._changed
-            yield self.to_proto()
-            if self.done:
+            snapshot = self.to_proto()
+            yield snapshot
+            if snapshot.done:
                 return
             await changed.wait()
 
