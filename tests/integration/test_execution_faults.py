@@ -27,6 +27,7 @@ from tests.serving import RunningService, running_service
 from worker.config import Settings
 from worker.digests import Digest
 from worker.execution.operations import Stage
+from worker.pool.sidecar_pool import SidecarPool
 from worker.reapi import error_details_pb2, ops_grpc, ops_pb2, re_grpc, re_pb2
 
 pytestmark = pytest.mark.docker
@@ -41,7 +42,7 @@ def sh(script: str, **kw: object) -> ActionSpec:
     return spec
 
 
-def only_pool(service: RunningService):  # type: ignore[no-untyped-def]
+def only_pool(service: RunningService) -> SidecarPool:
     execution = service.service.execution
     assert execution is not None
     (pool,) = execution.pools.pools
@@ -295,7 +296,7 @@ def test_wait_execution_follows_an_operation_to_its_end(exec_service: RunningSer
         ops_pb2.ListOperationsRequest()
     )
     assert name in {o.name for o in listed.operations}
-    stream.cancel()
+    stream.cancel()  # type: ignore[no-untyped-call]  # grpc-stubs leave it untyped
 
 
 def test_wait_execution_of_unknown_operation_is_not_found(exec_service: RunningService) -> None:
@@ -328,7 +329,7 @@ def test_full_queue_is_resource_exhausted(exec_settings: Settings) -> None:
             execute(service.channel, third)
         assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         for stream in streams:
-            stream.cancel()
+            stream.cancel()  # type: ignore[no-untyped-call]  # grpc-stubs leave it untyped
 
 
 def test_sidecar_killed_from_outside_is_replaced(exec_service: RunningService) -> None:
