@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import time
 from pathlib import Path
 
 import anyio
@@ -84,17 +85,27 @@ class ExecutionSide:
             queue_size=execution.queue_size,
         )
 
-    async def start(self) -> None:
-        try:
-            await anyio.to_thread.run_sync(self.runtime.ping)
-        except ContainerRuntimeError as error:
-            raise OSError(
-                f"execution needs a Docker daemon ({error}); start one, or set "
-                "execution.enabled=false for a cache-only server"
-            ) from None
+    async def start(self, daemon_wait_s: float = 30.0) -> None:
+        await self._wait_for_daemon(daemon_wait_s)
         self.waiter.start()
         await self.pools.start()
         self.service.start()
+
+    async def _wait_for_daemon(self, wait_s: float) -> None:
+        """In a pod the daemon container may start after us: wait a little for it."""
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                await anyio.to_thread.run_sync(self.runtime.ping)
+                return
+            except ContainerRuntimeError as error:
+                if time.monotonic() >= deadline:
+                    raise OSError(
+                        f"execution needs a Docker daemon ({error}); start one, or set "
+                        "execution.enabled=false for a cache-only server"
+                    ) from None
+                log.info("waiting for the Docker daemon: %s", error)
+                await anyio.sleep(1)
 
     async def close(self) -> None:
         await self.service.close()
