@@ -9,20 +9,32 @@ import grpc
 from worker.digests import Digest
 from worker.reapi import bs_grpc, bs_pb2, re_grpc, re_pb2
 
+BATCH_BYTES = 2 * 1024 * 1024
+
 
 def upload_batch(channel: grpc.Channel, *blobs: bytes) -> list[Digest]:
+    """Uploads blobs with BatchUpdateBlobs, in as many batches of at most BATCH_BYTES as needed."""
     stub = re_grpc.ContentAddressableStorageStub(channel)
     digests = [Digest.of(blob) for blob in blobs]
-    response = stub.BatchUpdateBlobs(
-        re_pb2.BatchUpdateBlobsRequest(
-            requests=[
-                re_pb2.BatchUpdateBlobsRequest.Request(digest=d.to_proto(), data=blob)
-                for d, blob in zip(digests, blobs, strict=True)
-            ]
-        )
-    )
-    assert all(r.status.code == 0 for r in response.responses), response
+    batch: list[re_pb2.BatchUpdateBlobsRequest.Request] = []
+    size = 0
+    for digest, blob in zip(digests, blobs, strict=True):
+        if batch and size + len(blob) > BATCH_BYTES:
+            _send(stub, batch)
+            batch, size = [], 0
+        batch.append(re_pb2.BatchUpdateBlobsRequest.Request(digest=digest.to_proto(), data=blob))
+        size += len(blob)
+    if batch:
+        _send(stub, batch)
     return digests
+
+
+def _send(
+    stub: re_grpc.ContentAddressableStorageStub,
+    batch: list[re_pb2.BatchUpdateBlobsRequest.Request],
+) -> None:
+    response = stub.BatchUpdateBlobs(re_pb2.BatchUpdateBlobsRequest(requests=batch))
+    assert all(r.status.code == 0 for r in response.responses), response
 
 
 def upload_message(channel: grpc.Channel, message: object) -> Digest:
