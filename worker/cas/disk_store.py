@@ -46,6 +46,7 @@ class DiskBlobStore:
 
     def __init__(self, root: Path, max_bytes: int) -> None:
         self._blobs = root / "blobs"
+        self._blobs_str = str(self._blobs)
         self._executables = root / "executables"
         self._executables.mkdir(parents=True, exist_ok=True)
         self._tmp = root / "tmp"
@@ -74,7 +75,12 @@ class DiskBlobStore:
         return self._total
 
     def blob_path(self, digest: Digest) -> Path:
-        return self._blobs / digest.hash[:2] / digest.hash
+        return Path(self.hash_path(digest.hash))
+
+    def hash_path(self, hash_: str) -> str:
+        """Where a blob with this (already validated) hash is stored, as a plain string:
+        staging builds thousands of these per action, and pathlib is slow at it."""
+        return f"{self._blobs_str}/{hash_[:2]}/{hash_}"
 
     # ---------------------------------------------------------------- queries
 

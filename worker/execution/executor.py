@@ -17,7 +17,7 @@ from google.protobuf import duration_pb2, timestamp_pb2
 
 from worker.cas.disk_store import DiskBlobStore
 from worker.config import ExecutionSettings
-from worker.digests import Digest
+from worker.digests import EMPTY_DIGEST, Digest
 from worker.errors import (
     Cancelled,
     DeadlineExceeded,
@@ -267,7 +267,11 @@ class ActionExecutor:
     ) -> None:
         for stream in ("stdout", "stderr"):
             path = action_dir / stream
-            digest = self._store.ingest_file(path) if path.exists() else Digest.of(b"")
+            try:
+                empty = path.stat().st_size == 0
+            except FileNotFoundError:
+                empty = True
+            digest = EMPTY_DIGEST if empty else self._store.ingest_file(path)
             getattr(result, f"{stream}_digest").CopyFrom(digest.to_proto())
         OutputCollector(self._store, action_dir / "root", working_dir).collect(command, result)
 

@@ -114,7 +114,7 @@ def load_input_tree(cache: DirectoryCache, store: DiskBlobStore, root_digest: Di
     return tree
 
 
-def _place_file(source: Path, target: Path, copy: bool) -> None:
+def _place_file(source: str, target: str, copy: bool) -> None:
     if not copy:
         try:
             os.link(source, target)
@@ -139,26 +139,40 @@ def stage_input_root(
     Files are hard links to read-only CAS blobs (0444, or 0555 when executable); an
     action that runs as root would ignore those modes, so for it they are copies
     (`copy_files`). Directories belong to `owner` so the action can create outputs.
+    This is the per-action hot path for big trees, so it works on plain strings; the
+    hashes it puts into paths were validated by load_input_tree, the only maker of an
+    InputTree.
     """
+    root = str(destination)
     for path, directory in tree.directories:
-        base = destination / path if path else destination
+        base = f"{root}/{path}" if path else root
         if path:
-            base.mkdir(exist_ok=True)
+            os.makedirs(base, exist_ok=True)
         if owner is not None:
             os.chown(base, *owner)
         for subdirectory in directory.directories:
-            (base / subdirectory.name).mkdir(exist_ok=True)
+            os.makedirs(f"{base}/{subdirectory.name}", exist_ok=True)
         for file in directory.files:
-            digest = Digest.from_proto(file.digest)
-            target = base / file.name
-            if digest.is_empty:
-                target.touch(mode=0o555 if file.is_executable else 0o444)
-            elif file.is_executable:
-                _place_file(store.require_executable(digest), target, copy_files)
-            else:
-                _place_file(store.require(digest), target, copy_files)
+            target = f"{base}/{file.name}"
+            if file.digest.size_bytes == 0:
+                with open(target, "xb"):
+                    pass
+                os.chmod(target, 0o555 if file.is_executable else 0o444)
+                continue
+            try:
+                if file.is_executable:
+                    source = str(store.require_executable(Digest.from_proto(file.digest)))
+                else:
+                    source = store.hash_path(file.digest.hash)
+                _place_file(source, target, copy_files)
+            except (FileNotFoundError, NotFound):
+                # Evicted between the completeness check and now.
+                digest = Digest.from_proto(file.digest)
+                raise FailedPrecondition(
+                    f"input blob {digest} left the CAS while staging", missing=[digest.subject()]
+                ) from None
         for link in directory.symlinks:
-            os.symlink(link.target, base / link.name)
+            os.symlink(link.target, f"{base}/{link.name}")
 
 
 def prepare_output_parents(

@@ -48,10 +48,16 @@ class DockerRuntime:
     ) -> None:
         self._base_url = base_url
         with _translated("connecting to Docker"):
-            self._api = docker.APIClient(base_url=base_url, version="auto", timeout=60)
+            self._api = docker.APIClient(
+                base_url=base_url, version="auto", timeout=60, max_pool_size=64
+            )
             self._pull_api = docker.APIClient(
                 base_url=base_url, version="auto", timeout=pull_timeout_s
             )
+        for api in (self._api, self._pull_api):
+            # requests would read proxy settings from os.environ on every call: the
+            # daemon is local, and that scan showed up in profiles of the hot path.
+            api.trust_env = False
         self._events: Any = None
         self._events_lock = threading.Lock()
         self._closed = False
