@@ -221,13 +221,17 @@ class ActionExecutor:
         timeout_s: float,
         cancelled: asyncio.Event,
     ) -> RunOutcome:
+        """Runs the command in a leased (or, for sidecar-reuse=false, a fresh) sidecar. A sidecar
+        found gone or stopped before the exec started is replaced once."""
         env = action_environment(command, action_dir)
         argv = list(command.arguments)
-        for attempt in range(2):
-            pool = await self._pools.pool_for(platform) if platform.reuse_sidecar else None
-            lease: Callable[[], Awaitable[Sidecar]] = (
-                pool.lease if pool is not None else functools.partial(self._pools.create, key)
-            )
+        pool = await self._pools.pool_for(platform) if platform.reuse_sidecar else None
+        lease: Callable[[], Awaitable[Sidecar]] = (
+            pool.lease if pool is not None else functools.partial(self._pools.create, key)
+        )
+        attempts = 0
+        while True:
+            attempts += 1
             try:
                 sidecar = await lease()
             except RuntimeUnavailable as error:
@@ -243,8 +247,8 @@ class ActionExecutor:
                 )
                 return outcome
             except (ContainerGone, ContainerNotRunning) as error:
-                log.warning("sidecar %s unusable (%s); trying another", sidecar.short_id, error)
-                if attempt == 1:
+                log.warning("sidecar %s unusable (%s)", sidecar.short_id, error)
+                if attempts == 2:
                     raise Unavailable(
                         f"sidecars of {platform.image} keep failing: {error}"
                     ) from None
@@ -256,7 +260,6 @@ class ActionExecutor:
                     await pool.release(sidecar, reusable=reusable)
                 else:
                     await self._pools.destroy(sidecar)
-        raise Internal("unreachable")
 
     def _collect(
         self,

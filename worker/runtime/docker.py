@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import socket
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -23,6 +24,27 @@ from worker.runtime.protocol import (
 )
 
 log = logging.getLogger(__name__)
+
+
+def _close_socket_on_failed_connect() -> None:
+    """docker-py's unix-socket connect() leaks its socket when the daemon is down (the socket
+    file is missing), one per call for as long as the daemon is away. Ours closes it."""
+    import docker.transport.unixconn as unixconn
+
+    def connect(self: Any) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(self.timeout)
+            sock.connect(self.unix_socket)
+        except BaseException:
+            sock.close()
+            raise
+        self.sock = sock
+
+    unixconn.UnixHTTPConnection.connect = connect
+
+
+_close_socket_on_failed_connect()
 
 
 @contextlib.contextmanager
@@ -190,6 +212,8 @@ class DockerRuntime:
             finally:
                 with self._events_lock:
                     self._events = None
+                with contextlib.suppress(Exception):
+                    stream.close()
         if not self._closed:
             raise RuntimeUnavailable("the Docker event stream ended")
 
