@@ -87,6 +87,9 @@ def run(work: Path) -> dict[str, Any]:
             f["noop_over_floor"] = noop.p50 / f["floor_p50_s"]
             f["fresh_p50_s"] = fresh.p50
             f["fresh_over_noop"] = fresh.p50 / noop.p50
+            raw_lifecycle = raw_docker.container_per_action_latencies(IMAGE_A, 10)
+            f["raw_container_per_action_p50_s"] = statistics.median(raw_lifecycle)
+            f["raw_lifecycle_over_floor"] = f["raw_container_per_action_p50_s"] / f["floor_p50_s"]
 
             log("4/8 input-heavy action (2,000 files, 50 MB)")
             tree = measure.make_input_tree(work / "tree", 2000, 50 * 1024 * 1024)

@@ -60,6 +60,29 @@ def exec_latencies(container_id: str, runs: int) -> list[float]:
         api.close()
 
 
+def container_per_action_latencies(image: str, runs: int) -> list[float]:
+    """The raw cost of a container per action: create, start, exec `true`, remove."""
+    api = docker.APIClient(version="auto")
+    try:
+        latencies = []
+        for _ in range(runs):
+            began = time.perf_counter()
+            created = api.create_container(
+                image,
+                command=["sleep", "1000000"],
+                labels=LABEL,
+                host_config=api.create_host_config(network_mode="none", init=True),
+                network_disabled=True,
+            )
+            api.start(created["Id"])
+            exec_true(api, created["Id"])
+            api.remove_container(created["Id"], force=True)
+            latencies.append(time.perf_counter() - began)
+        return latencies
+    finally:
+        api.close()
+
+
 def exec_throughput(container_ids: list[str], total: int) -> float:
     """Execs per second with one client thread per container, `total` execs in all."""
     remaining = [total]

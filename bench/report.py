@@ -38,6 +38,11 @@ def table(r: dict[str, Any]) -> str:
             f"{verdict(f['fresh_over_noop'] >= 4)})",
         ),
         (
+            "  raw create+start+exec+rm through the Engine API, p50",
+            ms(f["raw_container_per_action_p50_s"]),
+            f"{f['raw_lifecycle_over_floor']:.1f}x the raw exec on this daemon",
+        ),
+        (
             "4 input-heavy (2,000 files, 50 MB): staging, p50",
             ms(f["heavy_staging_p50_s"]),
             f"target < 100 ms: {verdict(f['heavy_staging_p50_s'] < 0.1)}",

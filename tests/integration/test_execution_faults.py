@@ -362,3 +362,25 @@ def test_leftover_sidecars_of_this_worker_are_removed_at_startup(
     finally:
         client.close()
     assert leftover not in remaining
+
+
+@pytest.fixture
+def memory_limited_service(exec_settings: Settings) -> Iterator[RunningService]:
+    pool = exec_settings.execution.pool.model_copy(update={"memory_bytes": 64 * 1024 * 1024})
+    execution = exec_settings.execution.model_copy(update={"pool": pool})
+    with running_service(exec_settings.model_copy(update={"execution": execution})) as running:
+        yield running
+
+
+def test_oom_kill_is_reported_and_the_sidecar_replaced(
+    memory_limited_service: RunningService,
+) -> None:
+    service = memory_limited_service
+    spec = sh("exec dd if=/dev/zero of=/dev/null bs=256M count=1")
+    response = run(service.channel, spec)
+    assert response.result.exit_code == 137, response
+    assert "out-of-memory" in response.message
+    pool = only_pool(service)
+    assert pool.stats.destroyed == 1
+    after = run(service.channel, sh("echo fine"))
+    assert stdout_of(service.channel, after) == b"fine\n"

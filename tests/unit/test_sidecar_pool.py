@@ -146,3 +146,15 @@ async def test_failed_creation_frees_its_place() -> None:
         await pool.lease()
     containers.refuse = False
     assert (await pool.lease()).container_id == "c0"
+
+
+@pytest.mark.anyio
+async def test_pool_is_empty_only_without_sidecars_or_creations() -> None:
+    pool, containers, clock = make_pool(idle_ttl_s=10)
+    assert pool.is_empty
+    sidecar = await pool.lease()
+    assert not pool.is_empty
+    await pool.release(sidecar, reusable=True)
+    clock.now += 11
+    await pool.maintain(containers.is_alive)
+    assert pool.is_empty

@@ -6,13 +6,22 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
+from typing import Protocol
 
 import anyio
 
 from worker.errors import FailedPrecondition, Unavailable
-from worker.runtime.protocol import ContainerRuntime, ImageUnavailable, RuntimeUnavailable
+from worker.runtime.protocol import ImageUnavailable, RuntimeUnavailable
 
 log = logging.getLogger(__name__)
+
+
+class ImageSource(Protocol):
+    """The part of a ContainerRuntime that images need."""
+
+    def local_image_id(self, reference: str) -> str | None: ...
+
+    def pull_image(self, reference: str) -> str: ...
 
 
 class ImageResolver:
@@ -23,7 +32,7 @@ class ImageResolver:
 
     def __init__(
         self,
-        runtime: ContainerRuntime,
+        runtime: ImageSource,
         limiter: anyio.CapacityLimiter,
         pull_timeout_s: float,
         cache_ttl_s: float = 30.0,

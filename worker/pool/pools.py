@@ -103,8 +103,10 @@ class SidecarPools:
                 log.exception("sidecar pool upkeep failed")
 
     async def maintain_all(self) -> None:
-        for pool in list(self._pools.values()):
+        for key, pool in list(self._pools.items()):
             await pool.maintain(self._is_alive)
+            if pool.is_empty and pool.settings.min_idle == 0:
+                del self._pools[key]  # Many images or users over time must not pile up.
 
     async def _is_alive(self, sidecar: Sidecar) -> bool:
         try:

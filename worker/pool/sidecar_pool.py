@@ -84,6 +84,11 @@ class SidecarPool:
     def sidecars(self) -> list[Sidecar]:
         return list(self._sidecars)
 
+    @property
+    def is_empty(self) -> bool:
+        """No sidecars and none being made (a lease only waits while sidecars exist)."""
+        return not self._sidecars and self._creating == 0
+
     def _worn_out(self, sidecar: Sidecar) -> bool:
         return (
             sidecar.actions_started >= self.settings.max_actions_per_sidecar
