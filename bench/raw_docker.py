@@ -46,10 +46,11 @@ def exec_true(api: docker.APIClient, container_id: str) -> None:
     assert state["ExitCode"] == 0, state
 
 
-def exec_latencies(container_id: str, runs: int) -> list[float]:
+def exec_latencies(container_id: str, runs: int, warmup: bool = True) -> list[float]:
     api = docker.APIClient(version="auto")
     try:
-        exec_true(api, container_id)  # warm-up
+        if warmup:
+            exec_true(api, container_id)
         latencies = []
         for _ in range(runs):
             began = time.perf_counter()

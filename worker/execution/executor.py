@@ -51,9 +51,6 @@ from worker.runtime.protocol import (
 
 log = logging.getLogger(__name__)
 
-Stamp = Callable[[], timestamp_pb2.Timestamp]
-
-
 def now() -> timestamp_pb2.Timestamp:
     stamp = timestamp_pb2.Timestamp()
     stamp.GetCurrentTime()
