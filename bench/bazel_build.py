@@ -5,26 +5,23 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from tests.e2e.bazel import Bazel
+from tests.e2e.bazel import Bazel, make_workspace
 
 TARGETS = 100
 
 
-def make_workspace(root: Path) -> Path:
-    workspace = root / "bench-ws"
-    workspace.mkdir(parents=True)
-    (workspace / "WORKSPACE").write_text("")
+def build_file() -> str:
     rules = [
         f'genrule(name = "g{i}", outs = ["g{i}.txt"], cmd = "echo {i} > $@")'
         for i in range(TARGETS)
     ]
-    (workspace / "BUILD").write_text("\n".join(rules) + "\n")
-    return workspace
+    return "\n".join(rules) + "\n"
 
 
 def build_seconds(address: str, image: str, root: Path) -> dict[str, float]:
     """Wall time of the same build with warm pools and with a fresh container per action."""
-    workspace = make_workspace(root)
+    root.mkdir(parents=True)
+    workspace = make_workspace(root, build_file())
     bazel = Bazel(workspace, root / "bazel-root")
     common = [
         f"--remote_executor=grpc://{address}",

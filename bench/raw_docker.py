@@ -15,22 +15,26 @@ import docker
 LABEL = {"sidecar-executor.bench": "baseline"}
 
 
+def start_sleeper(api: docker.APIClient, image: str) -> str:
+    """A running container of `image` that only sleeps, as a sidecar would."""
+    created = api.create_container(
+        image,
+        command=["sleep", "1000000"],
+        labels=LABEL,
+        host_config=api.create_host_config(network_mode="none", init=True),
+        network_disabled=True,
+    )
+    api.start(created["Id"])
+    return str(created["Id"])
+
+
 @contextmanager
 def warm_containers(image: str, count: int) -> Iterator[list[str]]:
     """`count` running containers of `image` that just sleep, removed afterwards."""
     api = docker.APIClient(version="auto")
     ids: list[str] = []
     try:
-        for _ in range(count):
-            created = api.create_container(
-                image,
-                command=["sleep", "1000000"],
-                labels=LABEL,
-                host_config=api.create_host_config(network_mode="none", init=True),
-                network_disabled=True,
-            )
-            api.start(created["Id"])
-            ids.append(created["Id"])
+        ids.extend(start_sleeper(api, image) for _ in range(count))
         yield ids
     finally:
         for container_id in ids:
@@ -68,16 +72,9 @@ def container_per_action_latencies(image: str, runs: int) -> list[float]:
         latencies = []
         for _ in range(runs):
             began = time.perf_counter()
-            created = api.create_container(
-                image,
-                command=["sleep", "1000000"],
-                labels=LABEL,
-                host_config=api.create_host_config(network_mode="none", init=True),
-                network_disabled=True,
-            )
-            api.start(created["Id"])
-            exec_true(api, created["Id"])
-            api.remove_container(created["Id"], force=True)
+            container_id = start_sleeper(api, image)
+            exec_true(api, container_id)
+            api.remove_container(container_id, force=True)
             latencies.append(time.perf_counter() - began)
         return latencies
     finally:

@@ -67,6 +67,14 @@ class ActionSpec:
     salt: bytes = b""
 
 
+def shell_action(script: str, image: str, **fields: object) -> ActionSpec:
+    """`sh -c script`, in `image` unless the fields give a platform of their own."""
+    spec = ActionSpec(argv=["sh", "-c", script], **fields)  # type: ignore[arg-type]
+    if spec.action_platform is None and spec.command_platform is None:
+        spec.action_platform = {"container-image": f"docker://{image}"}
+    return spec
+
+
 def _platform(properties: dict[str, str] | None) -> re_pb2.Platform | None:
     if properties is None:
         return None

@@ -28,6 +28,17 @@ class BazelRun:
         return counts
 
 
+def make_workspace(root: Path, build: str, files: dict[str, str] | None = None) -> Path:
+    """A workspace directory with an empty WORKSPACE, the given BUILD and source files."""
+    workspace = root / "ws"
+    workspace.mkdir()
+    (workspace / "WORKSPACE").write_text("")
+    (workspace / "BUILD").write_text(build)
+    for name, text in (files or {}).items():
+        (workspace / name).write_text(text)
+    return workspace
+
+
 class Bazel:
     """One Bazel client with its own output root, so tests never share a Bazel server."""
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.bazel import BAZEL, Bazel
+from tests.e2e.bazel import BAZEL, Bazel, make_workspace
 from tests.serving import RunningService
 
 pytestmark = [
@@ -35,19 +35,10 @@ genrule(name = "empty", outs = ["empty.txt"], cmd = "touch $@")
 OUTPUTS = ["greeting.txt", "combined.txt", "big.bin", "empty.txt"]
 
 
-def make_workspace(root: Path) -> Path:
-    workspace = root / "ws"
-    workspace.mkdir()
-    (workspace / "WORKSPACE").write_text("")
-    (workspace / "BUILD").write_text(BUILD)
-    (workspace / "input.txt").write_text("an input file\n")
-    return workspace
-
-
 def test_second_build_in_fresh_output_base_is_all_remote_cache_hits(
     service: RunningService, tmp_path: Path
 ) -> None:
-    workspace = make_workspace(tmp_path)
+    workspace = make_workspace(tmp_path, BUILD, {"input.txt": "an input file\n"})
     flags = [f"--remote_cache=grpc://{service.address}", "//:all"]
 
     first = Bazel(workspace, tmp_path / "root1")

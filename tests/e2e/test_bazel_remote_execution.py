@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.bazel import BAZEL, Bazel
+from tests.e2e.bazel import BAZEL, Bazel, make_workspace
 from tests.images import IMAGE_A, IMAGE_B
 from tests.serving import RunningService
 
@@ -39,19 +39,10 @@ genrule(
 """
 
 
-def make_workspace(root: Path) -> Path:
-    workspace = root / "ws"
-    workspace.mkdir()
-    (workspace / "WORKSPACE").write_text("")
-    (workspace / "BUILD").write_text(BUILD)
-    (workspace / "input.txt").write_text("from the source tree\n")
-    return workspace
-
-
 def test_bazel_runs_each_target_in_the_image_it_names(
     exec_service: RunningService, tmp_path: Path
 ) -> None:
-    workspace = make_workspace(tmp_path)
+    workspace = make_workspace(tmp_path, BUILD, {"input.txt": "from the source tree\n"})
     flags = [
         f"--remote_executor=grpc://{exec_service.address}",
         f"--remote_default_exec_properties=container-image=docker://{IMAGE_A}",

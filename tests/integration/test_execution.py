@@ -13,6 +13,7 @@ from tests.execution_client import (
     execute,
     read_blob,
     run,
+    shell_action,
     stderr_of,
     stdout_of,
     upload_action,
@@ -29,11 +30,8 @@ A = {"container-image": f"docker://{IMAGE_A}"}
 B = {"container-image": f"docker://{IMAGE_B}"}
 
 
-def sh(script: str, **kw: object) -> ActionSpec:
-    spec = ActionSpec(argv=["sh", "-c", script], **kw)  # type: ignore[arg-type]
-    if spec.action_platform is None and spec.command_platform is None:
-        spec.action_platform = A
-    return spec
+def sh(script: str, **fields: object) -> ActionSpec:
+    return shell_action(script, IMAGE_A, **fields)
 
 
 def test_two_images_alternate_through_their_own_pools(exec_service: RunningService) -> None:

@@ -18,6 +18,7 @@ from tests.execution_client import (
     execute,
     follow,
     run,
+    shell_action,
     stdout_of,
     upload_action,
 )
@@ -35,11 +36,8 @@ pytestmark = pytest.mark.docker
 A = {"container-image": f"docker://{IMAGE_A}"}
 
 
-def sh(script: str, **kw: object) -> ActionSpec:
-    spec = ActionSpec(argv=["sh", "-c", script], **kw)  # type: ignore[arg-type]
-    if spec.action_platform is None and spec.command_platform is None:
-        spec.action_platform = A
-    return spec
+def sh(script: str, **fields: object) -> ActionSpec:
+    return shell_action(script, IMAGE_A, **fields)
 
 
 def only_pool(service: RunningService) -> SidecarPool:

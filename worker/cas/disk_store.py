@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
 import shutil
 import tempfile
 import threading
+import uuid
 from collections import OrderedDict
 from collections.abc import Iterable
 from pathlib import Path
@@ -50,7 +52,8 @@ class DiskBlobStore:
         self._executables = root / "executables"
         self._executables.mkdir(parents=True, exist_ok=True)
         self._tmp = root / "tmp"
-        self._blobs.mkdir(parents=True, exist_ok=True)
+        for shard in range(256):
+            (self._blobs / f"{shard:02x}").mkdir(parents=True, exist_ok=True)
         shutil.rmtree(self._tmp, ignore_errors=True)
         self._tmp.mkdir(parents=True)
         self.max_bytes = max_bytes
@@ -147,15 +150,26 @@ class DiskBlobStore:
         actual = Digest.of(data)
         if actual != digest:
             raise InvalidArgument(f"data hashes to {actual}, not to the declared digest {digest}")
-        if self.contains(digest):
+        if digest.is_empty or self.contains(digest):
             return
-        with self.new_temp_file() as temp:
+        self._check_fits(digest)
+        # Plain os calls: batches of small blobs made NamedTemporaryFile the main cost.
+        temp = f"{self._tmp}/put-{uuid.uuid4().hex}"
+        try:
+            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o444)
             try:
-                write_all(temp, data)
-            except OSError as error:
-                raise_if_disk_full(error, f"blob {digest}")
-                raise
-            self.commit(Path(temp.name), digest)
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view) :]
+            finally:
+                os.close(fd)
+            os.replace(temp, self.hash_path(digest.hash))
+        except OSError as error:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(temp)
+            raise_if_disk_full(error, f"blob {digest}")
+            raise
+        self._remember(digest)
 
     def new_temp_file(self) -> tempfile._TemporaryFileWrapper[bytes]:
         """A temporary file on the CAS's filesystem, deleted on close unless committed."""
@@ -167,12 +181,8 @@ class DiskBlobStore:
         the caller's handle stays valid and its deletion on close is harmless)."""
         if digest.is_empty or self.contains(digest):
             return
-        if digest.size > self.max_bytes:
-            raise ResourceExhausted(
-                f"blob {digest} is larger than the whole CAS ({self.max_bytes} bytes)"
-            )
+        self._check_fits(digest)
         target = self.blob_path(digest)
-        target.parent.mkdir(exist_ok=True)
         os.chmod(temp_path, 0o444)
         staged = temp_path.with_name(temp_path.name + ".link")
         try:
@@ -206,6 +216,12 @@ class DiskBlobStore:
         return digest
 
     # ---------------------------------------------------------- bookkeeping
+
+    def _check_fits(self, digest: Digest) -> None:
+        if digest.size > self.max_bytes:
+            raise ResourceExhausted(
+                f"blob {digest} is larger than the whole CAS ({self.max_bytes} bytes)"
+            )
 
     def _remember(self, digest: Digest) -> None:
         evicted: list[str] = []

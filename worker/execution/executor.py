@@ -51,6 +51,7 @@ from worker.runtime.protocol import (
 
 log = logging.getLogger(__name__)
 
+
 def now() -> timestamp_pb2.Timestamp:
     stamp = timestamp_pb2.Timestamp()
     stamp.GetCurrentTime()

@@ -47,17 +47,20 @@ class OperationState:
             self._notify()
 
     def finish(self, response: re_pb2.ExecuteResponse) -> None:
-        if not self.done:
-            self.stage = Stage.COMPLETED
-            self.response = response
-            self.finished_at = self._clock()
-            self._notify()
+        self._complete(response=response)
 
     def fail(self, error: status_pb2.Status) -> None:
         """Ends the operation with an error of its own (not the action's): CANCELLED, say."""
+        self._complete(error=error)
+
+    def _complete(
+        self,
+        response: re_pb2.ExecuteResponse | None = None,
+        error: status_pb2.Status | None = None,
+    ) -> None:
         if not self.done:
             self.stage = Stage.COMPLETED
-            self.error = error
+            self.response, self.error = response, error
             self.finished_at = self._clock()
             self._notify()
 
