@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import os
-import threading
 from collections.abc import Iterator
 
 import grpc
 import pytest
 
+from tests.concurrently import run_concurrently
 from tests.reapi_client import bytestream_read, bytestream_write, write_resource
 from tests.serving import RunningService
 from worker.digests import Digest
@@ -112,18 +112,8 @@ def test_write_of_a_blob_already_stored_completes_at_once(service: RunningServic
 
 def test_concurrent_writes_of_the_same_blob_are_safe(service: RunningService) -> None:
     data = os.urandom(2 * 1024 * 1024)
-    errors: list[BaseException] = []
-
-    def write() -> None:
-        try:
-            bytestream_write(service.channel, data, chunk=32 * 1024)
-        except BaseException as error:  # pragma: no cover - reported below
-            errors.append(error)
-
-    threads = [threading.Thread(target=write) for _ in range(6)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    errors = run_concurrently(
+        lambda: bytestream_write(service.channel, data, chunk=32 * 1024), threads=6
+    )
     assert errors == []
     assert bytestream_read(service.channel, Digest.of(data)) == data

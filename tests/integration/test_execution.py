@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import threading
-
 import grpc
 import pytest
 
+from tests.concurrently import run_concurrently
 from tests.execution_client import (
     ActionSpec,
     InputFile,
@@ -225,11 +224,7 @@ def test_identical_actions_in_flight_execute_once(exec_service: RunningService) 
         response = execute(exec_service.channel, action, skip_cache_lookup=True).response
         results.append(stdout_of(exec_service.channel, response))
 
-    threads = [threading.Thread(target=call) for _ in range(3)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    assert run_concurrently(call, threads=3) == []
     assert len(results) == 3 and len(set(results)) == 1
 
 

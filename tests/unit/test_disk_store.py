@@ -2,11 +2,11 @@ from __future__ import annotations
 
 import os
 import stat
-import threading
 from pathlib import Path
 
 import pytest
 
+from tests.concurrently import run_concurrently
 from worker.cas.disk_store import DiskBlobStore
 from worker.digests import EMPTY_DIGEST, Digest
 from worker.errors import InvalidArgument, NotFound, ResourceExhausted
@@ -91,19 +91,7 @@ def test_concurrent_writers_of_the_same_blob_leave_one_intact_copy(tmp_path: Pat
     store = DiskBlobStore(tmp_path, max_bytes=64 * MiB)
     data = os.urandom(4 * MiB)
     digest = Digest.of(data)
-    errors: list[BaseException] = []
-
-    def write() -> None:
-        try:
-            store.put(digest, data)
-        except BaseException as error:  # pragma: no cover - reported below
-            errors.append(error)
-
-    threads = [threading.Thread(target=write) for _ in range(8)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    errors = run_concurrently(lambda: store.put(digest, data), threads=8)
     assert errors == []
     assert store.read(digest) == data
     assert store.total_bytes == len(data)
