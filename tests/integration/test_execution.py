@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import grpc
 import pytest
 
@@ -18,7 +20,8 @@ from tests.execution_client import (
     upload_action,
 )
 from tests.images import IMAGE_A, IMAGE_B, NO_SHELL
-from tests.serving import RunningService
+from tests.serving import RunningService, running_service
+from worker.config import Settings
 from worker.digests import Digest
 from worker.execution.operations import Stage
 from worker.reapi import re_grpc, re_pb2
@@ -238,3 +241,39 @@ def test_sidecar_reuse_false_runs_in_a_fresh_container_each_time(
     execution = exec_service.service.execution
     assert execution is not None
     assert execution.pools.pools == []  # no pool was made for these actions
+
+
+def test_large_stdout_and_stderr_are_captured_whole(exec_service: RunningService) -> None:
+    response = run(
+        exec_service.channel,
+        sh("head -c 10000000 /dev/zero | tr '\\0' o; head -c 3000000 /dev/zero | tr '\\0' e >&2"),
+    )
+    assert response.result.stdout_digest.size_bytes == 10_000_000
+    assert response.result.stderr_digest.size_bytes == 3_000_000
+    assert set(stdout_of(exec_service.channel, response)) == {ord("o")}
+
+
+def test_several_actions_can_share_one_sidecar_when_configured(exec_settings: Settings) -> None:
+    pool = exec_settings.execution.pool.model_copy(
+        update={"actions_per_sidecar": 3, "max_sidecars": 1}
+    )
+    execution = exec_settings.execution.model_copy(update={"pool": pool})
+    with running_service(exec_settings.model_copy(update={"execution": execution})) as service:
+        actions = [
+            upload_action(service.channel, sh(f"sleep 1; echo {i}", do_not_cache=True))
+            for i in range(3)
+        ]
+        outputs: list[bytes] = []
+
+        def one() -> None:
+            action = actions.pop()
+            outputs.append(stdout_of(service.channel, execute(service.channel, action).response))
+
+        began = time.monotonic()
+        assert run_concurrently(one, threads=3) == []
+        assert time.monotonic() - began < 2.9  # the three ran side by side, not one by one
+        assert sorted(outputs) == [b"0\n", b"1\n", b"2\n"]
+        execution_side = service.service.execution
+        assert execution_side is not None
+        (only,) = execution_side.pools.pools
+        assert only.stats.created == 1

@@ -382,3 +382,37 @@ def test_oom_kill_is_reported_and_the_sidecar_replaced(
     assert pool.stats.destroyed == 1
     after = run(service.channel, sh("echo fine"))
     assert stdout_of(service.channel, after) == b"fine\n"
+
+
+def test_dropping_every_stream_of_an_operation_cancels_it(exec_service: RunningService) -> None:
+    action = upload_action(exec_service.channel, sh("sleep 300", do_not_cache=True))
+    stream = re_grpc.ExecutionStub(exec_service.channel).Execute(
+        re_pb2.ExecuteRequest(action_digest=action.to_proto(), skip_cache_lookup=True)
+    )
+    name = ""
+    for operation in stream:
+        name = operation.name
+        metadata = re_pb2.ExecuteOperationMetadata()
+        operation.metadata.Unpack(metadata)
+        if metadata.stage == Stage.EXECUTING:
+            break
+    stream.cancel()  # type: ignore[no-untyped-call]  # grpc-stubs leave it untyped
+    operations = ops_grpc.OperationsStub(exec_service.channel)
+    deadline = time.monotonic() + 30
+    state = operations.GetOperation(ops_pb2.GetOperationRequest(name=name))
+    while not state.done and time.monotonic() < deadline:
+        time.sleep(0.5)
+        state = operations.GetOperation(ops_pb2.GetOperationRequest(name=name))
+    assert state.done and state.error.code == grpc.StatusCode.CANCELLED.value[0]
+
+
+def test_output_reached_through_a_symlink_out_of_the_action_is_refused(
+    exec_service: RunningService,
+) -> None:
+    response = run(
+        exec_service.channel,
+        sh("rm -rf escape && ln -s / escape", output_paths=["escape/etc/image-name"]),
+    )
+    assert response.status.code == grpc.StatusCode.FAILED_PRECONDITION.value[0]
+    assert "leaves the action directory" in response.status.message
+    assert not response.result.output_files
