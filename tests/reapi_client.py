@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Iterator
 
 import grpc
+from google.protobuf.message import Message
 
 from worker.digests import Digest
 from worker.reapi import bs_grpc, bs_pb2, re_grpc, re_pb2
@@ -37,8 +39,8 @@ def _send(
     assert all(r.status.code == 0 for r in response.responses), response
 
 
-def upload_message(channel: grpc.Channel, message: object) -> Digest:
-    data = message.SerializeToString()  # type: ignore[attr-defined]
+def upload_message(channel: grpc.Channel, message: Message) -> Digest:
+    data = message.SerializeToString()
     return upload_batch(channel, data)[0]
 
 
@@ -53,7 +55,7 @@ def bytestream_write(
     digest = Digest.of(data)
     name = resource or write_resource(digest)
 
-    def requests() -> object:
+    def requests() -> Iterator[bs_pb2.WriteRequest]:
         offset = 0
         while True:
             piece = data[offset : offset + chunk]
@@ -68,7 +70,7 @@ def bytestream_write(
             if last:
                 return
 
-    return bs_grpc.ByteStreamStub(channel).Write(requests())  # type: ignore[arg-type]
+    return bs_grpc.ByteStreamStub(channel).Write(requests())
 
 
 def bytestream_read(
