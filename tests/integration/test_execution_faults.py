@@ -416,3 +416,15 @@ def test_output_reached_through_a_symlink_out_of_the_action_is_refused(
     assert response.status.code == grpc.StatusCode.FAILED_PRECONDITION.value[0]
     assert "leaves the action directory" in response.status.message
     assert not response.result.output_files
+
+
+def test_root_action_that_kills_every_process_loses_its_sidecar_which_is_replaced(
+    root_service: RunningService,
+) -> None:
+    killer = sh("kill -9 -1; sleep 5", action_platform={**A, "dockerRunAsRoot": "true"})
+    response = run(root_service.channel, killer)
+    assert response.status.code == grpc.StatusCode.INTERNAL.value[0], response
+    assert "sidecar" in response.status.message
+    assert only_pool(root_service).stats.destroyed == 1
+    after = run(root_service.channel, sh("echo next"))
+    assert stdout_of(root_service.channel, after) == b"next\n"
