@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 from google.protobuf import duration_pb2
@@ -134,12 +135,21 @@ class Execution:
 
     @property
     def stages(self) -> list[int]:
-        stages: list[int] = []
-        for operation in self.operations:
-            metadata = re_pb2.ExecuteOperationMetadata()
-            operation.metadata.Unpack(metadata)
-            stages.append(metadata.stage)
-        return stages
+        return [stage_of(operation) for operation in self.operations]
+
+
+def stage_of(operation: ops_pb2.Operation) -> int:
+    metadata = re_pb2.ExecuteOperationMetadata()
+    operation.metadata.Unpack(metadata)
+    return metadata.stage
+
+
+def start_execute(channel: grpc.Channel, action_digest: Digest, timeout_s: float = 120) -> Any:
+    """An Execute stream (skipping the cache) that the caller reads and may cancel."""
+    return re_grpc.ExecutionStub(channel).Execute(
+        re_pb2.ExecuteRequest(action_digest=action_digest.to_proto(), skip_cache_lookup=True),
+        timeout=timeout_s,
+    )
 
 
 def follow(stream: Iterable[ops_pb2.Operation]) -> Execution:

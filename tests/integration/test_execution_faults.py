@@ -19,6 +19,8 @@ from tests.execution_client import (
     follow,
     run,
     shell_action,
+    stage_of,
+    start_execute,
     stdout_of,
     upload_action,
 )
@@ -243,19 +245,14 @@ def test_platform_is_read_from_action_then_command(
 
 def test_cancel_operation_kills_the_running_action(exec_service: RunningService) -> None:
     action = upload_action(exec_service.channel, sh("echo begun; sleep 300", do_not_cache=True))
-    stream = re_grpc.ExecutionStub(exec_service.channel).Execute(
-        re_pb2.ExecuteRequest(action_digest=action.to_proto(), skip_cache_lookup=True),
-        timeout=60,
-    )
+    stream = start_execute(exec_service.channel, action, timeout_s=60)
     operations: list[ops_pb2.Operation] = []
     executing = threading.Event()
 
     def consume() -> None:
         for operation in stream:
             operations.append(operation)
-            metadata = re_pb2.ExecuteOperationMetadata()
-            operation.metadata.Unpack(metadata)
-            if metadata.stage == Stage.EXECUTING:
+            if stage_of(operation) == Stage.EXECUTING:
                 executing.set()
 
     reader = threading.Thread(target=consume)
@@ -280,9 +277,7 @@ def test_cancel_operation_kills_the_running_action(exec_service: RunningService)
 
 def test_wait_execution_follows_an_operation_to_its_end(exec_service: RunningService) -> None:
     action = upload_action(exec_service.channel, sh("sleep 1; echo waited", do_not_cache=True))
-    stream = re_grpc.ExecutionStub(exec_service.channel).Execute(
-        re_pb2.ExecuteRequest(action_digest=action.to_proto(), skip_cache_lookup=True)
-    )
+    stream = start_execute(exec_service.channel, action)
     name = next(iter(stream)).name
     waited = follow(
         re_grpc.ExecutionStub(exec_service.channel).WaitExecution(
@@ -294,7 +289,7 @@ def test_wait_execution_follows_an_operation_to_its_end(exec_service: RunningSer
         ops_pb2.ListOperationsRequest()
     )
     assert name in {o.name for o in listed.operations}
-    stream.cancel()  # type: ignore[no-untyped-call]  # grpc-stubs leave it untyped
+    stream.cancel()
 
 
 def test_wait_execution_of_unknown_operation_is_not_found(exec_service: RunningService) -> None:
@@ -316,9 +311,7 @@ def test_full_queue_is_resource_exhausted(exec_settings: Settings) -> None:
         streams = []
         for i in range(2):
             action = upload_action(service.channel, sh(f"sleep 5 # {i}", do_not_cache=True))
-            stream = re_grpc.ExecutionStub(service.channel).Execute(
-                re_pb2.ExecuteRequest(action_digest=action.to_proto(), skip_cache_lookup=True)
-            )
+            stream = start_execute(service.channel, action)
             next(iter(stream))
             streams.append(stream)
             time.sleep(0.3)  # the first leaves the queue for the only slot
@@ -327,7 +320,7 @@ def test_full_queue_is_resource_exhausted(exec_settings: Settings) -> None:
             execute(service.channel, third)
         assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         for stream in streams:
-            stream.cancel()  # type: ignore[no-untyped-call]  # grpc-stubs leave it untyped
+            stream.cancel()
 
 
 def test_sidecar_killed_from_outside_is_replaced(exec_service: RunningService) -> None:
@@ -386,17 +379,13 @@ def test_oom_kill_is_reported_and_the_sidecar_replaced(
 
 def test_dropping_every_stream_of_an_operation_cancels_it(exec_service: RunningService) -> None:
     action = upload_action(exec_service.channel, sh("sleep 300", do_not_cache=True))
-    stream = re_grpc.ExecutionStub(exec_service.channel).Execute(
-        re_pb2.ExecuteRequest(action_digest=action.to_proto(), skip_cache_lookup=True)
-    )
+    stream = start_execute(exec_service.channel, action)
     name = ""
     for operation in stream:
         name = operation.name
-        metadata = re_pb2.ExecuteOperationMetadata()
-        operation.metadata.Unpack(metadata)
-        if metadata.stage == Stage.EXECUTING:
+        if stage_of(operation) == Stage.EXECUTING:
             break
-    stream.cancel()  # type: ignore[no-untyped-call]  # grpc-stubs leave it untyped
+    stream.cancel()
     operations = ops_grpc.OperationsStub(exec_service.channel)
     deadline = time.monotonic() + 30
     state = operations.GetOperation(ops_pb2.GetOperationRequest(name=name))
