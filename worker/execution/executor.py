@@ -223,7 +223,7 @@ class ActionExecutor:
         found gone or stopped before the exec started is replaced once."""
         env = action_environment(command, action_dir)
         argv = list(command.arguments)
-        pool = await self._pools.pool_for(platform) if platform.reuse_sidecar else None
+        pool = self._pools.pool_for(key, platform.image) if platform.reuse_sidecar else None
         lease: Callable[[], Awaitable[Sidecar]] = (
             pool.lease if pool is not None else functools.partial(self._pools.create, key)
         )

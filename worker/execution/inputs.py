@@ -32,10 +32,9 @@ class DirectoryCache:
             if found is not None:
                 self._entries.move_to_end(digest)
                 return found
+        data = self._store.read(digest)
         try:
-            directory = re_pb2.Directory.FromString(self._store.read(digest))
-        except NotFound:
-            raise
+            directory = re_pb2.Directory.FromString(data)
         except Exception as error:
             raise InvalidArgument(f"blob {digest} is not a Directory message") from error
         with self._lock:
@@ -76,14 +75,6 @@ class InputTree:
 
     directories: list[tuple[str, re_pb2.Directory]]
 
-    @property
-    def files(self) -> list[tuple[str, re_pb2.FileNode]]:
-        return [
-            (f"{path}/{node.name}" if path else node.name, node)
-            for path, directory in self.directories
-            for node in directory.files
-        ]
-
 
 def load_input_tree(cache: DirectoryCache, store: DiskBlobStore, root_digest: Digest) -> InputTree:
     """Reads and checks the whole tree; every missing Directory or file blob is reported at once
@@ -104,7 +95,9 @@ def load_input_tree(cache: DirectoryCache, store: DiskBlobStore, root_digest: Di
             child_path = f"{path}/{child.name}" if path else child.name
             pending.append((child_path, Digest.from_proto(child.digest)))
     tree = InputTree(directories)
-    file_digests = {Digest.from_proto(node.digest) for _, node in tree.files}
+    file_digests = {
+        Digest.from_proto(node.digest) for _, directory in directories for node in directory.files
+    }
     missing.extend(store.find_missing(file_digests))
     if missing:
         raise FailedPrecondition(

@@ -69,7 +69,7 @@ class SidecarPools:
                         user=self._settings.default_user,
                         reuse_sidecar=True,
                     )
-                    await self.pool_for(platform)
+                    self.pool_for(await self.key_for(platform), platform.image)
                 except Exception as error:
                     log.warning("cannot pre-warm %s: %s", reference, error)
         await self.maintain_all()
@@ -133,11 +133,11 @@ class SidecarPools:
             pids_limit=limits.pids_limit,
         )
 
-    async def pool_for(self, platform: ExecutionPlatform) -> SidecarPool:
-        key = await self.key_for(platform)
+    def pool_for(self, key: PoolKey, image: str) -> SidecarPool:
+        """The pool of `key` (from key_for), made with `image`'s pool settings if new."""
         pool = self._pools.get(key)
         if pool is None:
-            pool = SidecarPool(key, self._pool_settings(platform.image), self.create, self.destroy)
+            pool = SidecarPool(key, self._pool_settings(image), self.create, self.destroy)
             self._pools[key] = pool
         return pool
 
