@@ -38,7 +38,11 @@ def open_storage(settings: Settings) -> Storage:
     return Storage(
         blobs=blobs,
         action_cache=DiskActionCache(settings.data_dir / "action-cache", blobs),
-        uploads=UploadTracker(blobs, ttl_s=settings.storage.upload_ttl_s),
+        uploads=UploadTracker(
+            blobs,
+            ttl_s=settings.storage.upload_ttl_s,
+            max_uploads=settings.storage.max_partial_uploads,
+        ),
     )
 
 
@@ -74,7 +78,9 @@ class Service:
         re_grpc.add_CapabilitiesServicer_to_server(CapabilitiesServicer(capabilities), server)
         re_grpc.add_ContentAddressableStorageServicer_to_server(
             ContentAddressableStorageServicer(
-                storage.blobs, self.settings.storage.max_batch_total_size_bytes
+                storage.blobs,
+                self.settings.storage.max_batch_total_size_bytes,
+                max_message_bytes=self.settings.server.max_message_bytes,
             ),
             server,
         )

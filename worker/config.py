@@ -39,6 +39,9 @@ class StorageSettings(Section):
     max_bytes: int = Field(10 * GiB, ge=MiB, description="CAS size bound; LRU eviction above it")
     max_batch_total_size_bytes: int = Field(4 * MiB, ge=64 * 1024)
     upload_ttl_s: float = Field(3600, gt=0, description="how long an idle partial upload is kept")
+    max_partial_uploads: int = Field(
+        256, ge=1, description="interrupted uploads kept at once; more is RESOURCE_EXHAUSTED"
+    )
 
 
 class PoolSettings(Section):
@@ -79,6 +82,12 @@ class ExecutionSettings(Section):
         [], description="platform properties to accept and ignore"
     )
     pull_timeout_s: float = Field(300, gt=0)
+    max_input_depth: int = Field(
+        256, ge=1, description="deepest input tree accepted; deeper is INVALID_ARGUMENT"
+    )
+    max_input_entries: int = Field(
+        1_000_000, ge=1, description="most files, directories and symlinks in one input tree"
+    )
     pool: PoolSettings = PoolSettings()
     image_pools: dict[str, PoolSettings] = Field(
         {}, description="per-image pool settings; min_idle > 0 pre-warms the image at startup"
@@ -88,9 +97,9 @@ class ExecutionSettings(Section):
     @classmethod
     def _numeric_user(cls, value: str) -> str:
         uid, sep, gid = value.partition(":")
-        if not (uid.isdigit() and sep and gid.isdigit()):
+        if not (sep and uid.isascii() and uid.isdigit() and gid.isascii() and gid.isdigit()):
             raise ValueError(f"{value!r} is not a numeric uid:gid")
-        return value
+        return f"{int(uid)}:{int(gid)}"
 
     @model_validator(mode="after")
     def _timeouts_ordered(self) -> ExecutionSettings:

@@ -11,6 +11,9 @@ from worker.reapi import re_pb2
 
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 
+MAX_SIZE = 2**63 - 1
+"""The largest size a Digest can have: `size_bytes` is an int64 in the proto."""
+
 
 @dataclass(frozen=True, slots=True)
 class Digest:
@@ -20,12 +23,16 @@ class Digest:
     size: int
 
     def __post_init__(self) -> None:
-        if not _HEX64.fullmatch(self.hash):
+        if not isinstance(self.hash, str) or not _HEX64.fullmatch(self.hash):
             raise InvalidArgument(
-                f"digest hash {self.hash!r} is not 64 lowercase hex characters (SHA-256)"
+                f"digest hash {self.hash!r:.100} is not 64 lowercase hex characters (SHA-256)"
             )
+        if not isinstance(self.size, int) or isinstance(self.size, bool):
+            raise InvalidArgument(f"digest size {self.size!r:.100} is not a whole number")
         if self.size < 0:
             raise InvalidArgument(f"digest size {self.size} is negative")
+        if self.size > MAX_SIZE:
+            raise InvalidArgument(f"digest size {self.size} is larger than 2**63-1")
 
     @classmethod
     def from_proto(cls, proto: re_pb2.Digest) -> Digest:

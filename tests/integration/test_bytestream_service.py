@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
-from collections.abc import Iterator
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -117,3 +122,176 @@ def test_concurrent_writes_of_the_same_blob_are_safe(service: RunningService) ->
     )
     assert errors == []
     assert bytestream_read(service.channel, Digest.of(data)) == data
+
+
+HOSTILE_NAMES = [
+    f"uploads/u/blobs/{'a' * 64}/²",  # str.isdigit() is true, int() fails
+    f"uploads/u/blobs/{'a' * 64}/{'9' * 5000}",  # int() refuses more than 4300 digits
+    f"uploads/u/blobs/{'a' * 64}/9223372036854775808",  # above int64
+    f"uploads/u/blobs/{'a' * 64}/-1",
+    f"uploads/u/blobs/{'A' * 64}/1",
+    f"uploads/../blobs/{'a' * 64}/1",
+    f"uploads//blobs/{'a' * 64}/1",
+    f"../uploads/u/blobs/{'a' * 64}/1",
+    f"uploads/{'u' * 10000}/blobs/{'a' * 64}/1",
+]
+
+
+@pytest.mark.parametrize("name", HOSTILE_NAMES)
+def test_hostile_write_resource_names_are_invalid_argument_never_internal(
+    service: RunningService, name: str
+) -> None:
+    """REAPI: the upload resource is `{instance_name}/uploads/{uuid}/blobs/{hash}/{size}`,
+    with `hash` "always a lowercase hex string" and `size_bytes` an int64. Anything else is
+    the client's mistake: INVALID_ARGUMENT from Write and QueryWriteStatus alike."""
+    request = bs_pb2.WriteRequest(resource_name=name, data=b"x", finish_write=True)
+    with pytest.raises(grpc.RpcError) as caught:
+        stub(service).Write(iter([request]))
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, caught.value.details()
+    with pytest.raises(grpc.RpcError) as caught:
+        stub(service).QueryWriteStatus(bs_pb2.QueryWriteStatusRequest(resource_name=name))
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, caught.value.details()
+    read_name = name.replace("uploads/u/", "").replace("uploads/../", "../")
+    with pytest.raises(grpc.RpcError) as caught:
+        list(stub(service).Read(bs_pb2.ReadRequest(resource_name=read_name)))
+    assert caught.value.code() in (
+        grpc.StatusCode.INVALID_ARGUMENT,
+        grpc.StatusCode.NOT_FOUND,  # the upload-id cases are well-formed read names
+    ), caught.value.details()
+
+
+def test_first_write_offset_that_does_not_continue_is_invalid_argument(
+    service: RunningService,
+) -> None:
+    """ByteStream: the first `write_offset` "must be equal to the `committed_size` that a
+    call to `QueryWriteStatus()` would return ... An incorrect value will cause an error."""
+    name = write_resource(DIGEST)
+    request = bs_pb2.WriteRequest(resource_name=name, write_offset=5, data=DATA[5:10])
+    with pytest.raises(grpc.RpcError) as caught:
+        stub(service).Write(iter([request]))
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "does not continue" in (caught.value.details() or "")
+
+
+def start_stale_stream(
+    service: RunningService, name: str, half: int, release: threading.Event
+) -> grpc.Future[bs_pb2.WriteResponse]:
+    """A Write that sends the first half, then stalls (a client that gave up on it) until
+    `release`, then sends the rest; returns once the server holds the first half."""
+
+    def requests() -> Iterator[bs_pb2.WriteRequest]:
+        yield bs_pb2.WriteRequest(resource_name=name, write_offset=0, data=DATA[:half])
+        release.wait(20)
+        yield bs_pb2.WriteRequest(write_offset=half, data=DATA[half:], finish_write=True)
+
+    future = stub(service).Write.future(requests(), timeout=30)
+    query = bs_pb2.QueryWriteStatusRequest(resource_name=name)
+    deadline = time.monotonic() + 10
+    while stub(service).QueryWriteStatus(query).committed_size < half:
+        assert time.monotonic() < deadline, "the first half never arrived"
+        time.sleep(0.01)
+    return future
+
+
+def test_a_stream_whose_upload_another_stream_finished_gets_the_full_size(
+    service: RunningService,
+) -> None:
+    """REAPI: "if another client has already completed the upload (which may occur in the
+    middle of a single upload ...), the request will terminate immediately with a response
+    whose `committed_size` is the full size of the uploaded file". Here the other stream is
+    the client's own retry, with the same upload id, racing its stalled first attempt."""
+    name, half, release = write_resource(DIGEST), len(DATA) // 2, threading.Event()
+    stale = start_stale_stream(service, name, half, release)
+    retry = bs_pb2.WriteRequest(
+        resource_name=name, write_offset=half, data=DATA[half:], finish_write=True
+    )
+    assert stub(service).Write(iter([retry])).committed_size == len(DATA)
+    release.set()
+    assert stale.result(timeout=20).committed_size == len(DATA)
+    assert bytestream_read(service.channel, DIGEST) == DATA
+
+
+def test_a_stream_whose_upload_another_stream_dropped_is_invalid_argument(
+    service: RunningService,
+) -> None:
+    """The retry sends more bytes than the digest's size, which drops the upload; the stalled
+    first stream then continues at the offset it had. It used to append to the file the
+    retry had closed (INTERNAL); now it is told the upload is gone."""
+    name, half, release = write_resource(DIGEST), len(DATA) // 2, threading.Event()
+    stale = start_stale_stream(service, name, half, release)
+    too_long = bs_pb2.WriteRequest(
+        resource_name=name, write_offset=half, data=DATA[half:] + b"!", finish_write=True
+    )
+    with pytest.raises(grpc.RpcError) as caught:
+        stub(service).Write(iter([too_long]))
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    release.set()
+    with pytest.raises(grpc.RpcError) as caught:
+        stale.result(timeout=20)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, caught.value.details()
+    status = stub(service).QueryWriteStatus(bs_pb2.QueryWriteStatusRequest(resource_name=name))
+    assert (status.committed_size, status.complete) == (0, False)
+    assert bytestream_write(service.channel, DATA).committed_size == len(DATA)
+
+
+def test_resuming_a_blob_that_is_already_stored_gets_the_full_size(
+    service: RunningService,
+) -> None:
+    bytestream_write(service.channel, DATA)
+    resumed = bs_pb2.WriteRequest(
+        resource_name=write_resource(DIGEST), write_offset=1000, data=DATA[1000:2000]
+    )
+    assert stub(service).Write(iter([resumed])).committed_size == len(DATA)
+
+
+def test_an_interrupted_upload_keeps_no_file_open(service: RunningService) -> None:
+    name = write_resource(DIGEST)
+
+    def first_part() -> Iterator[bs_pb2.WriteRequest]:
+        yield bs_pb2.WriteRequest(resource_name=name, write_offset=0, data=DATA[:1000])
+
+    with pytest.raises(grpc.RpcError):
+        stub(service).Write(first_part())
+    tmp = service.service.settings.data_dir / "cas" / "tmp"
+    assert len(list(tmp.iterdir())) == 1  # the partial data is kept...
+    assert files_held_open_under(tmp) == []  # ...but not open
+
+
+def files_held_open_under(directory: Path) -> list[str]:
+    held = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            held.append(os.readlink(f"/proc/self/fd/{fd}"))
+        except FileNotFoundError:  # closed meanwhile, by another thread or by listdir
+            continue
+    return [path for path in held if path.startswith(f"{directory}/")]
+
+
+def test_disk_work_of_writes_and_reads_runs_off_the_event_loop(
+    service: RunningService, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One event loop serves every RPC: a chunk append, an open or a lookup that waits on the
+    disk (or on the store's lock while it evicts) there stalls all of them."""
+    on_loop: list[str] = []
+
+    def watched(name: str, method: Callable[..., Any]) -> Callable[..., Any]:
+        def wrapper(*args: Any) -> Any:
+            try:
+                asyncio.get_running_loop()
+                on_loop.append(name)
+            except RuntimeError:  # no loop in this thread: a worker thread
+                pass
+            return method(*args)
+
+        return wrapper
+
+    storage = service.service.storage
+    watch: list[tuple[object, str]] = [(storage.uploads, m) for m in ("begin", "append", "finish")]
+    watch += [(storage.blobs, "contains"), (storage.blobs, "open")]
+    for obj, method in watch:
+        monkeypatch.setattr(obj, method, watched(method, getattr(obj, method)))
+    name = write_resource(DIGEST)
+    bytestream_write(service.channel, DATA, chunk=256 * 1024, resource=name)
+    stub(service).QueryWriteStatus(bs_pb2.QueryWriteStatusRequest(resource_name=name))
+    assert bytestream_read(service.channel, DIGEST) == DATA
+    assert on_loop == []

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 
 from worker.digests import EMPTY_DIGEST, Digest
@@ -78,3 +80,73 @@ def test_malformed_read_resource_is_invalid_argument(name: str) -> None:
 def test_malformed_write_resource_is_invalid_argument(name: str) -> None:
     with pytest.raises(InvalidArgument):
         parse_write_resource(name)
+
+
+def test_digest_rejects_sizes_beyond_int64_and_accepts_the_largest_one() -> None:
+    """REAPI `Digest.size_bytes` is an int64: nothing above 2**63-1 can be a blob's size."""
+    assert Digest(H, 2**63 - 1).size == 2**63 - 1
+    with pytest.raises(InvalidArgument, match="2\\*\\*63-1"):
+        Digest(H, 2**63)
+
+
+@pytest.mark.parametrize("size", ["²", "١٢", "-1", "+5", " 5", "1_000", "0x10", "", "9" * 5000])
+@pytest.mark.parametrize("parse", [parse_read_resource, parse_write_resource])
+def test_sizes_that_are_not_plain_ascii_digits_are_invalid_argument(
+    size: str, parse: Callable[[str], object]
+) -> None:
+    """`str.isdigit()` accepts "²" and other Unicode digits that `int()` refuses, and `int()`
+    refuses more than 4300 digits: each must be INVALID_ARGUMENT, never a ValueError."""
+    prefix = "uploads/u-1/" if parse is parse_write_resource else ""
+    with pytest.raises(InvalidArgument):
+        parse(f"{prefix}blobs/{H}/{size}")
+
+
+@pytest.mark.parametrize("size", ["9223372036854775808", "99999999999999999999"])
+def test_sizes_beyond_int64_in_resource_names_are_invalid_argument(size: str) -> None:
+    with pytest.raises(InvalidArgument):
+        parse_read_resource(f"blobs/{H}/{size}")
+    with pytest.raises(InvalidArgument):
+        parse_write_resource(f"uploads/u/blobs/{H}/{size}")
+
+
+def test_largest_int64_size_in_a_resource_name_is_accepted() -> None:
+    assert parse_read_resource(f"blobs/{H}/9223372036854775807").digest.size == 2**63 - 1
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        f"uploads//blobs/{H}/12",  # empty upload id
+        f"uploads/../blobs/{H}/12",
+        f"uploads/./blobs/{H}/12",
+        f"uploads/{'u' * 129}/blobs/{H}/12",  # longer than any UUID we keep in memory
+        f"uploads/u\x00x/blobs/{H}/12",
+        f"uploads/u x/blobs/{H}/12",
+        f"../uploads/u/blobs/{H}/12",  # instance name tricks
+        f"a/../uploads/u/blobs/{H}/12",
+        f"/uploads/u/blobs/{H}/12",
+        f"a//b/uploads/u/blobs/{H}/12",
+        f"uploads/u/blobs/{'A' * 64}/12",  # REAPI: "always be a lowercase hex string"
+        f"uploads/u/blobs/../{H}/12",
+        f"uploads/u/compressed-blobs/zstd/{H}/12",
+        "uploads/u/blobs",
+    ],
+)
+def test_hostile_write_resource_names_are_invalid_argument(name: str) -> None:
+    with pytest.raises(InvalidArgument):
+        parse_write_resource(name)
+
+
+@pytest.mark.parametrize(
+    "name",
+    [f"../blobs/{H}/12", f"/blobs/{H}/12", f"a/./blobs/{H}/12", f"blobs/{H.upper()}/12"],
+)
+def test_hostile_read_resource_names_are_invalid_argument(name: str) -> None:
+    with pytest.raises(InvalidArgument):
+        parse_read_resource(name)
+
+
+def test_anything_after_the_size_is_ignored() -> None:
+    """REAPI: "Anything after the `size` is ignored" (an optional file name or metadata)."""
+    parsed = parse_write_resource(f"uploads/u/blobs/{H}/12/../../etc/passwd")
+    assert (parsed.upload_id, parsed.digest) == ("u", Digest(H, 12))

@@ -1,4 +1,8 @@
-"""ByteStream: chunked reads with offset and limit, resumable verified writes, QueryWriteStatus."""
+"""ByteStream: chunked reads with offset and limit, resumable verified writes, QueryWriteStatus.
+
+Disk work (opening blobs, appending chunks, finishing uploads) runs in worker threads, never
+on the event loop.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +13,7 @@ import anyio
 import grpc
 
 from worker.cas.disk_store import DiskBlobStore
-from worker.cas.uploads import PartialUpload, UploadTracker
+from worker.cas.uploads import PartialUpload, UploadEnded, UploadTracker
 from worker.errors import InvalidArgument, OutOfRange
 from worker.reapi import bs_grpc, bs_pb2
 from worker.resources import parse_read_resource, parse_write_resource
@@ -18,6 +22,34 @@ from worker.server.rpc_errors import rpc_errors
 Context = grpc.aio.ServicerContext[Any, Any]
 
 READ_CHUNK_BYTES = 1 << 20
+# Chunks of one Write stream are gathered up to this size before they go to disk: one worker
+# thread call and one open/write/close per megabyte, not per (often 16 KiB) message. What is
+# gathered but not yet written is lost if the stream breaks; ByteStream allows that, the
+# committed size "may be less than the amount of data the client previously sent".
+FLUSH_BYTES = 1 << 20
+
+
+class _Pending:
+    """Data one Write stream sent that is not yet appended, starting at `offset`."""
+
+    def __init__(self) -> None:
+        self.offset = 0
+        self.size = 0
+        self._chunks: list[bytes] = []
+
+    @property
+    def end(self) -> int:
+        return self.offset + self.size
+
+    def add(self, data: bytes) -> None:
+        if data:
+            self._chunks.append(data)
+            self.size += len(data)
+
+    def take(self) -> tuple[int, bytes]:
+        offset, data = self.offset, b"".join(self._chunks)
+        self.offset, self.size, self._chunks = self.end, 0, []
+        return offset, data
 
 
 class ByteStreamServicer(bs_grpc.ByteStreamServicer):
@@ -37,7 +69,7 @@ class ByteStreamServicer(bs_grpc.ByteStreamServicer):
         remaining = digest.size - request.read_offset
         if request.read_limit:
             remaining = min(remaining, request.read_limit)
-        stream = self._store.open(digest)
+        stream = await anyio.to_thread.run_sync(self._store.open, digest)
         try:
             stream.seek(request.read_offset)
             while remaining > 0:
@@ -58,35 +90,75 @@ class ByteStreamServicer(bs_grpc.ByteStreamServicer):
         # An interrupted stream leaves its partial upload in the tracker, so the
         # client can resume from the size QueryWriteStatus reports.
         upload: PartialUpload | None = None
+        pending = _Pending()
         async for request in request_iterator:
+            check_now = upload is None  # the first offset is checked at once
             if upload is None:
                 resource = parse_write_resource(request.resource_name)
-                if request.write_offset == 0 and self._store.contains(resource.digest):
-                    # Already stored: the spec lets us end the stream at once.
+                if await anyio.to_thread.run_sync(self._store.contains, resource.digest):
+                    # Already stored: REAPI lets us end the stream at once with the full size.
                     return bs_pb2.WriteResponse(committed_size=resource.digest.size)
-                upload = self._uploads.begin(resource.upload_id, resource.digest)
-            elif request.resource_name and (
-                parse_write_resource(request.resource_name).digest != upload.digest
+                upload = await anyio.to_thread.run_sync(
+                    self._uploads.begin, resource.upload_id, resource.digest
+                )
+                pending.offset = request.write_offset
+            elif request.resource_name:
+                again = parse_write_resource(request.resource_name)
+                if (again.upload_id, again.digest) != (upload.upload_id, upload.digest):
+                    raise InvalidArgument("resource_name changed in the middle of a write")
+            if request.write_offset != pending.end:
+                # Not where this stream left off: write what it sent so far, then let the
+                # tracker judge the new offset at once.
+                if pending.size and (done := await self._flush(upload, pending, finish=False)):
+                    return done
+                pending.offset = request.write_offset
+                check_now = True
+            pending.add(request.data)
+            if (
+                check_now
+                or request.finish_write
+                or pending.size >= FLUSH_BYTES
+                or pending.end > upload.digest.size  # refused at once
             ):
-                raise InvalidArgument("resource_name changed in the middle of a write")
-            self._uploads.append(upload, request.write_offset, request.data)
-            if request.finish_write:
-                size = upload.committed
-                await anyio.to_thread.run_sync(self._uploads.finish, upload)
-                return bs_pb2.WriteResponse(committed_size=size)
+                if done := await self._flush(upload, pending, request.finish_write):
+                    return done
         if upload is None:
             raise InvalidArgument("write stream ended before its first message")
+        if pending.size and (done := await self._flush(upload, pending, finish=False)):
+            return done
         raise InvalidArgument(
             f"write stream ended without finish_write after {upload.committed} bytes; "
             "resume it from QueryWriteStatus"
         )
+
+    async def _flush(
+        self, upload: PartialUpload, pending: _Pending, finish: bool
+    ) -> bs_pb2.WriteResponse | None:
+        """Appends what the stream sent since the last flush, in one worker thread call, and
+        finishes the upload if asked; a response means the stream is done."""
+        offset, data = pending.take()
+        try:
+            await anyio.to_thread.run_sync(self._write, upload, offset, data, finish)
+        except UploadEnded:
+            # Another stream of this upload finished it (REAPI: "the request will
+            # terminate immediately with a response whose committed_size is the full
+            # size"), or dropped it, which leaves this stream nothing to continue.
+            if await anyio.to_thread.run_sync(self._store.contains, upload.digest):
+                return bs_pb2.WriteResponse(committed_size=upload.digest.size)
+            raise
+        return bs_pb2.WriteResponse(committed_size=upload.digest.size) if finish else None
+
+    def _write(self, upload: PartialUpload, offset: int, data: bytes, finish: bool) -> None:
+        self._uploads.append(upload, offset, data)
+        if finish:
+            self._uploads.finish(upload)
 
     @rpc_errors
     async def QueryWriteStatus(
         self, request: bs_pb2.QueryWriteStatusRequest, context: Context
     ) -> bs_pb2.QueryWriteStatusResponse:
         resource = parse_write_resource(request.resource_name)
-        if self._store.contains(resource.digest):
+        if await anyio.to_thread.run_sync(self._store.contains, resource.digest):
             return bs_pb2.QueryWriteStatusResponse(
                 committed_size=resource.digest.size, complete=True
             )
