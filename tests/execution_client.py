@@ -138,6 +138,16 @@ class Execution:
         return [stage_of(operation) for operation in self.operations]
 
 
+def response_of(operation: ops_pb2.Operation) -> re_pb2.ExecuteResponse:
+    """The ExecuteResponse of a finished operation; errors of the execution are in its
+    status, never in Operation.error (REAPI: "errors ... should be returned in the
+    ExecuteResponse status")."""
+    assert operation.done and operation.HasField("response"), operation
+    response = re_pb2.ExecuteResponse()
+    operation.response.Unpack(response)
+    return response
+
+
 def stage_of(operation: ops_pb2.Operation) -> int:
     metadata = re_pb2.ExecuteOperationMetadata()
     operation.metadata.Unpack(metadata)

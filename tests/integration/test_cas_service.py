@@ -89,7 +89,8 @@ def test_bad_hash_length_is_invalid_argument(service: RunningService) -> None:
 
 
 def make_tree(service: RunningService, width: int) -> tuple[Digest, int]:
-    """A root holding `width` subdirectories, each holding one empty subdirectory."""
+    """A root holding `width` subdirectories, each holding the same empty subdirectory.
+    Returns the root and the number of distinct directories."""
     leaf = upload_message(service.channel, re_pb2.Directory())
     middles = []
     for i in range(width):
@@ -104,28 +105,39 @@ def make_tree(service: RunningService, width: int) -> tuple[Digest, int]:
             for i, d in enumerate(middles)
         ]
     )
-    return upload_message(service.channel, root), 1 + 2 * width
+    return upload_message(service.channel, root), 1 + width + 1
 
 
-def test_get_tree_pages_through_every_directory(service: RunningService) -> None:
+def test_get_tree_streams_every_directory_in_pages_of_page_size(service: RunningService) -> None:
+    """REAPI GetTree returns "every node descended from the root" and `page_size` is "A maximum
+    page size": one call streams them all, at most page_size per response, a next_page_token
+    on every response but the last. A directory shared by several parents comes once."""
     root, count = make_tree(service, width=7)
-    seen: list[re_pb2.Directory] = []
-    token = ""
-    pages = 0
-    while True:
-        (response,) = list(
-            cas(service).GetTree(
-                re_pb2.GetTreeRequest(root_digest=root.to_proto(), page_size=4, page_token=token)
-            )
-        )
-        seen.extend(response.directories)
-        pages += 1
-        token = response.next_page_token
-        if not token:
-            break
+    responses = list(
+        cas(service).GetTree(re_pb2.GetTreeRequest(root_digest=root.to_proto(), page_size=4))
+    )
+    assert [len(r.directories) for r in responses] == [4, 4, 1]
+    assert [bool(r.next_page_token) for r in responses] == [True, True, False]
+    seen = [d for r in responses for d in r.directories]
     assert len(seen) == count
-    assert pages == 4
     assert len(seen[0].directories) == 7  # breadth first: the root comes first
+    assert seen[-1] == re_pb2.Directory()  # the shared empty leaf, once
+
+
+def test_get_tree_sends_each_shared_subtree_once(service: RunningService) -> None:
+    """40 levels whose directory names the next level twice: 2**40 paths but 41 distinct
+    directories, so the stream ends after 41 (instead of never)."""
+    below = upload_message(service.channel, re_pb2.Directory())
+    for level in range(40):
+        node = re_pb2.Directory(
+            directories=[re_pb2.DirectoryNode(name=name, digest=below.to_proto()) for name in "ab"],
+            files=[re_pb2.FileNode(name=f"level{level}", digest=EMPTY_DIGEST.to_proto())],
+        )
+        below = upload_message(service.channel, node)
+    responses = list(
+        cas(service).GetTree(re_pb2.GetTreeRequest(root_digest=below.to_proto()), timeout=30)
+    )
+    assert sum(len(r.directories) for r in responses) == 41
 
 
 def test_get_tree_of_missing_root_is_not_found(service: RunningService) -> None:

@@ -1,4 +1,11 @@
-"""ExecutionService and operations with an in-memory executor: queueing, dedup, cache, cancel."""
+"""ExecutionService and operations with an in-memory executor: queueing, dedup, cache, cancel.
+
+How a finished Execute operation reports an error follows REAPI v2 (remote_execution.proto):
+the `Execute` rpc says errors that occur while running the action "will be reported in the
+`status` field of the `ExecuteResponse`. The server MUST NOT set the `error` field of the
+`Operation` proto", and `ExecuteResponse.status` lists `CANCELLED` among them; our own
+protos/.../remote_execution.proto says the same of ExecuteResponse ("Failures while running the
+action are reported in status, not as an RPC error")."""
 
 from __future__ import annotations
 
@@ -11,10 +18,13 @@ import pytest
 from worker.cas.action_cache import DiskActionCache
 from worker.cas.disk_store import DiskBlobStore
 from worker.digests import Digest
-from worker.errors import Cancelled, ResourceExhausted
-from worker.execution.operations import OperationStore, Stage
+from worker.errors import Cancelled, NotFound, ResourceExhausted, Unavailable
+from worker.execution.operations import OperationState, OperationStore, Stage
 from worker.execution.service import ExecutionService
-from worker.reapi import re_pb2
+from worker.reapi import ops_pb2, re_pb2, status_pb2
+from worker.server.execution import OperationFollower
+
+CANCELLED = grpc.StatusCode.CANCELLED.value[0]
 
 
 class ScriptedExecutor:
@@ -24,7 +34,9 @@ class ScriptedExecutor:
         self.release = asyncio.Event()
         self.started: list[Digest] = []
         self.exit_code = 0
+        self.status_code = 0
         self.do_not_cache = False
+        self.crash: Exception | None = None
         self._one_more = asyncio.Event()
 
     async def wait_started(self, count: int) -> None:
@@ -40,7 +52,10 @@ class ScriptedExecutor:
         cancelled: asyncio.Event,
     ) -> tuple[re_pb2.ExecuteResponse, re_pb2.Action | None]:
         self.started.append(action_digest)
+        metadata.worker = "scripted"
         self._one_more.set()
+        if self.crash is not None:
+            raise self.crash
         release = asyncio.create_task(self.release.wait())
         cancel = asyncio.create_task(cancelled.wait())
         await asyncio.wait({release, cancel}, return_when=asyncio.FIRST_COMPLETED)
@@ -48,8 +63,11 @@ class ScriptedExecutor:
         cancel.cancel()
         if cancelled.is_set():
             raise Cancelled("cancelled")
-        result = re_pb2.ActionResult(exit_code=self.exit_code)
-        return re_pb2.ExecuteResponse(result=result), re_pb2.Action(do_not_cache=self.do_not_cache)
+        result = re_pb2.ActionResult(exit_code=self.exit_code, execution_metadata=metadata)
+        response = re_pb2.ExecuteResponse(
+            result=result, status=status_pb2.Status(code=self.status_code)
+        )
+        return response, re_pb2.Action(do_not_cache=self.do_not_cache)
 
 
 def digest(n: int) -> Digest:
@@ -93,12 +111,21 @@ async def test_successful_result_is_cached_and_served_from_cache(
 
 
 @pytest.mark.anyio
-@pytest.mark.parametrize(("exit_code", "do_not_cache"), [(1, False), (0, True)])
+@pytest.mark.parametrize(
+    ("exit_code", "do_not_cache", "status_code"),
+    [(1, False, 0), (0, True, 0), (0, False, grpc.StatusCode.DEADLINE_EXCEEDED.value[0])],
+)
 async def test_failures_and_do_not_cache_are_not_cached(
-    parts: tuple[ScriptedExecutor, DiskActionCache], exit_code: int, do_not_cache: bool
+    parts: tuple[ScriptedExecutor, DiskActionCache],
+    exit_code: int,
+    do_not_cache: bool,
+    status_code: int,
 ) -> None:
+    """ExecuteResponse.status: "If the status code is other than `OK`, then the result MUST NOT
+    be cached"; Action.do_not_cache likewise; a non-zero exit code is our own rule."""
     executor, _ = parts
     executor.exit_code, executor.do_not_cache = exit_code, do_not_cache
+    executor.status_code = status_code
     executor.release.set()
     svc = service(parts)
     state = await svc.execute(digest(1), skip_cache_lookup=False, priority=0)
@@ -150,22 +177,153 @@ async def test_queue_bound_is_resource_exhausted(
     await svc.close()
 
 
+def unpacked(state: OperationState) -> tuple[ops_pb2.Operation, re_pb2.ExecuteResponse]:
+    """The operation as a client sees it, and the ExecuteResponse packed in it."""
+    operation = state.to_proto()
+    assert operation.done
+    assert operation.WhichOneof("result") == "response", operation
+    response = re_pb2.ExecuteResponse()
+    assert operation.response.Unpack(response)
+    return operation, response
+
+
 @pytest.mark.anyio
 async def test_cancel_of_queued_and_of_running_operations(
     parts: tuple[ScriptedExecutor, DiskActionCache],
 ) -> None:
+    """A cancelled operation is done with an ExecuteResponse whose status is CANCELLED (REAPI
+    `Execute`: "`CANCELLED`: The operation was cancelled by the client", reported "in the
+    `status` field of the `ExecuteResponse`. The server MUST NOT set the `error` field of the
+    `Operation` proto"), carrying the metadata gathered so far. Nothing is cached."""
+    executor, cache = parts
+    svc = service(parts, slots=1)
+    running = await svc.execute(digest(0), skip_cache_lookup=True, priority=0)
+    await executor.wait_started(1)
+    queued = await svc.execute(digest(1), skip_cache_lookup=True, priority=0)
+    svc.cancel(queued.name)
+    _, response = unpacked(queued)
+    assert response.status.code == CANCELLED
+    assert response.result.execution_metadata.queued_timestamp.ToNanoseconds() > 0
+    svc.cancel(running.name)
+    await settle()
+    _, response = unpacked(running)
+    assert response.status.code == CANCELLED
+    assert response.result.execution_metadata.worker == "scripted"
+    assert executor.started == [digest(0)]  # the queued one never started
+    for action in (digest(0), digest(1)):
+        with pytest.raises(NotFound):
+            cache.get(action)
+    await svc.close()
+
+
+@pytest.mark.anyio
+async def test_internal_error_is_an_internal_status_in_the_execute_response(
+    parts: tuple[ScriptedExecutor, DiskActionCache],
+) -> None:
+    """REAPI `Execute` lists "`INTERNAL`: An internal error occurred in the execution engine or
+    the worker" among the errors reported in ExecuteResponse.status, never Operation.error."""
+    executor, cache = parts
+    executor.crash = RuntimeError("a bug")
+    svc = service(parts)
+    state = await svc.execute(digest(1), skip_cache_lookup=True, priority=0)
+    operations = [op async for op in state.updates()]
+    assert not operations[-1].HasField("error")
+    _, response = unpacked(state)
+    assert response.status.code == grpc.StatusCode.INTERNAL.value[0]
+    assert response.result.execution_metadata.worker == "scripted"
+    with pytest.raises(NotFound):
+        cache.get(digest(1))
+    await svc.close()
+
+
+@pytest.mark.anyio
+async def test_shutdown_ends_unfinished_operations_with_unavailable(
+    parts: tuple[ScriptedExecutor, DiskActionCache],
+) -> None:
+    """At shutdown every operation that did not finish, running or queued, is done with an
+    ExecuteResponse whose status is UNAVAILABLE (REAPI `Execute`: "`UNAVAILABLE`: Due to a
+    transient condition ... The client should retry"), not left open nor given an
+    Operation.error. Execute after shutdown is refused with UNAVAILABLE."""
     executor, _ = parts
     svc = service(parts, slots=1)
     running = await svc.execute(digest(0), skip_cache_lookup=True, priority=0)
-    await settle()
+    await executor.wait_started(1)
     queued = await svc.execute(digest(1), skip_cache_lookup=True, priority=0)
-    svc.cancel(queued.name)
-    assert queued.done and queued.error is not None
-    assert queued.error.code == grpc.StatusCode.CANCELLED.value[0]
-    svc.cancel(running.name)
+    await svc.close()
+    for state in (running, queued):
+        _, response = unpacked(state)
+        assert response.status.code == grpc.StatusCode.UNAVAILABLE.value[0]
+    assert unpacked(running)[1].result.execution_metadata.worker == "scripted"
+    with pytest.raises(Unavailable):
+        await svc.execute(digest(2), skip_cache_lookup=True, priority=0)
+
+
+@pytest.mark.anyio
+async def test_cancelled_queued_operations_do_not_count_against_the_queue_bound(
+    parts: tuple[ScriptedExecutor, DiskActionCache],
+) -> None:
+    """A queue holding only cancelled operations still accepts new work: the bound counts
+    live queued actions only."""
+    svc = service(parts, slots=1, queue=2)
+    await svc.execute(digest(0), skip_cache_lookup=True, priority=0)  # occupies the slot
     await settle()
-    assert running.done and running.error is not None
-    assert executor.started == [digest(0)]  # the queued one never started
+    for n in (1, 2):
+        queued = await svc.execute(digest(n), skip_cache_lookup=True, priority=0)
+        svc.cancel(queued.name)
+    assert svc.queue_length == 0
+    for n in (3, 4):
+        await svc.execute(digest(n), skip_cache_lookup=True, priority=0)
+    with pytest.raises(ResourceExhausted):
+        await svc.execute(digest(5), skip_cache_lookup=True, priority=0)
+    await svc.close()
+
+
+@pytest.mark.anyio
+async def test_abandoned_operation_deleted_meanwhile_is_cancelled_without_error(
+    parts: tuple[ScriptedExecutor, DiskActionCache],
+) -> None:
+    """An operation whose last stream went away and which DeleteOperation removed before the
+    grace period ended is still cancelled when the grace ends, and the timer callback raises
+    nothing (before, its name lookup raised NotFound inside the event loop)."""
+    executor, _ = parts
+    loop = asyncio.get_running_loop()
+    raised: list[dict[str, object]] = []
+    previous = loop.get_exception_handler()
+    loop.set_exception_handler(lambda _, context: raised.append(context))
+    try:
+        svc = service(parts)
+        follower = OperationFollower(svc, grace_s=0.05)
+        state = await svc.execute(digest(1), skip_cache_lookup=True, priority=0)
+        stream = follower.follow(state)
+        await anext(stream)
+        await executor.wait_started(1)
+        await stream.aclose()  # the only client went away
+        svc.operations.delete(state.name)
+        await asyncio.sleep(0.2)
+        assert raised == []
+        _, response = unpacked(state)
+        assert response.status.code == CANCELLED
+        with pytest.raises(NotFound):
+            svc.operations.get(state.name)
+        await svc.close()
+    finally:
+        loop.set_exception_handler(previous)
+
+
+@pytest.mark.anyio
+async def test_deleted_running_operation_is_not_joined_by_a_new_execute(
+    parts: tuple[ScriptedExecutor, DiskActionCache],
+) -> None:
+    """After DeleteOperation, a new Execute of the same action gets an operation whose name
+    it can follow, not the deleted one (whose name no longer resolves)."""
+    executor, _ = parts
+    svc = service(parts, slots=2)
+    first = await svc.execute(digest(1), skip_cache_lookup=True, priority=0)
+    await executor.wait_started(1)
+    svc.delete(first.name)
+    second = await svc.execute(digest(1), skip_cache_lookup=True, priority=0)
+    assert second is not first
+    assert svc.operations.get(second.name) is second
     await svc.close()
 
 

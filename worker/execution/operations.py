@@ -16,7 +16,12 @@ Stage = re_pb2.ExecutionStage
 
 
 class OperationState:
-    """One Execute operation. Changes wake every stream that follows it."""
+    """One Execute operation. Changes wake every stream that follows it.
+
+    A finished operation always carries an ExecuteResponse, and any error (cancelled, shut
+    down, internal) is that response's `status`: REAPI's `Execute` says errors "that occurred
+    while running the action will be reported in the `status` field of the `ExecuteResponse`.
+    The server MUST NOT set the `error` field of the `Operation` proto"."""
 
     def __init__(
         self, name: str, action_digest: Digest, clock: Callable[[], float] = time.monotonic
@@ -26,7 +31,6 @@ class OperationState:
         self.action_digest = action_digest
         self.stage: re_pb2.ExecutionStage.Value.ValueType = Stage.CACHE_CHECK
         self.response: re_pb2.ExecuteResponse | None = None
-        self.error: status_pb2.Status | None = None
         self.cancel_requested = asyncio.Event()
         self.watchers = 0
         self.metadata = re_pb2.ExecutedActionMetadata()
@@ -35,7 +39,7 @@ class OperationState:
 
     @property
     def done(self) -> bool:
-        return self.response is not None or self.error is not None
+        return self.response is not None
 
     def _notify(self) -> None:
         self._changed.set()
@@ -47,22 +51,20 @@ class OperationState:
             self._notify()
 
     def finish(self, response: re_pb2.ExecuteResponse) -> None:
-        self._complete(response=response)
-
-    def fail(self, error: status_pb2.Status) -> None:
-        """Ends the operation with an error of its own (not the action's): CANCELLED, say."""
-        self._complete(error=error)
-
-    def _complete(
-        self,
-        response: re_pb2.ExecuteResponse | None = None,
-        error: status_pb2.Status | None = None,
-    ) -> None:
+        """Ends the operation with `response` (a no-op if it has ended already)."""
         if not self.done:
             self.stage = Stage.COMPLETED
-            self.response, self.error = response, error
+            self.response = response
             self.finished_at = self._clock()
             self._notify()
+
+    def finish_with_status(self, status: status_pb2.Status) -> None:
+        """Ends the operation with an ExecuteResponse whose status is `status` (CANCELLED,
+        UNAVAILABLE, INTERNAL...) and whose result holds the metadata gathered so far."""
+        response = re_pb2.ExecuteResponse(status=status)
+        if self.metadata.ByteSize():
+            response.result.execution_metadata.CopyFrom(self.metadata)
+        self.finish(response)
 
     def to_proto(self) -> ops_pb2.Operation:
         operation = ops_pb2.Operation(name=self.name, done=self.done)
@@ -73,8 +75,6 @@ class OperationState:
         )
         if self.response is not None:
             operation.response.Pack(self.response)
-        elif self.error is not None:
-            operation.error.CopyFrom(self.error)
         return operation
 
     async def updates(self) -> AsyncIterator[ops_pb2.Operation]:
@@ -89,7 +89,10 @@ class OperationState:
 
 
 class OperationStore:
-    """Keeps running operations, and finished ones for `keep_done_s` (at most `max_done`)."""
+    """Keeps running operations, and finished ones for `keep_done_s` (at most `max_done`).
+
+    A name (`operations/` and a random UUID) is the only handle to an operation: whoever was
+    given it can follow, cancel or delete the operation, and nobody can guess it."""
 
     def __init__(
         self,
@@ -119,6 +122,8 @@ class OperationStore:
         del self._operations[name]
 
     def page(self, page_size: int, page_token: str) -> tuple[list[OperationState], str]:
+        """Operations in creation order, for an operator interface only: listing them on the
+        public port would hand out every client's operation names."""
         if page_size < 0:
             raise InvalidArgument(f"page_size {page_size} is negative")
         names = list(self._operations)

@@ -14,7 +14,7 @@ import grpc
 
 from worker.cas.action_cache import DiskActionCache
 from worker.digests import Digest
-from worker.errors import Cancelled, NotFound, ResourceExhausted, to_status_proto
+from worker.errors import Cancelled, NotFound, ResourceExhausted, Unavailable
 from worker.execution.executor import now
 from worker.execution.operations import OperationState, OperationStore, Stage
 from worker.reapi import re_pb2, status_pb2
@@ -34,6 +34,13 @@ log = logging.getLogger(__name__)
 CANCELLED_STATUS = status_pb2.Status(
     code=grpc.StatusCode.CANCELLED.value[0], message="the operation was cancelled"
 )
+SHUTDOWN_STATUS = status_pb2.Status(
+    code=grpc.StatusCode.UNAVAILABLE.value[0],
+    message="the worker shut down before the action finished; retry it",
+)
+INTERNAL_STATUS = status_pb2.Status(
+    code=grpc.StatusCode.INTERNAL.value[0], message="internal error in the execution service"
+)
 
 
 class ExecutionService:
@@ -41,6 +48,10 @@ class ExecutionService:
 
     Identical actions in flight share one operation. Results with exit code 0, an OK
     status and no do_not_cache go into the action cache.
+
+    Every operation ends with an ExecuteResponse. Errors of the execution (cancelled, shut
+    down, internal) are that response's `status`, never the Operation's `error` (REAPI
+    `Execute`: "The server MUST NOT set the `error` field of the `Operation` proto").
     """
 
     def __init__(
@@ -61,28 +72,40 @@ class ExecutionService:
         self._queued = asyncio.Condition()
         self._in_flight: dict[Digest, OperationState] = {}
         self._workers: list[asyncio.Task[None]] = []
+        self._closing = False
 
     @property
     def queue_length(self) -> int:
+        """Actions waiting for a slot; a cancelled one leaves the queue at once."""
         return len(self._queue)
 
     def start(self) -> None:
         self._workers = [asyncio.create_task(self._work()) for _ in range(self._slots)]
 
     async def close(self) -> None:
-        for state in list(self._in_flight.values()):
+        """Stops running and queued actions. Every operation that did not finish ends with
+        UNAVAILABLE in its ExecuteResponse (the client may retry), with the metadata gathered
+        so far; Execute is refused from now on."""
+        self._closing = True
+        unfinished = {id(s): s for s in self._in_flight.values() if not s.done}
+        unfinished.update((id(e[2]), e[2]) for e in self._queue if not e[2].done)
+        for state in unfinished.values():
             state.cancel_requested.set()
         for worker in self._workers:
             worker.cancel()
         for worker in self._workers:
             with contextlib.suppress(asyncio.CancelledError):
                 await worker
-        for state in list(self._in_flight.values()):
-            state.fail(CANCELLED_STATUS)
+        self._queue.clear()
+        for state in unfinished.values():
+            state.finish_with_status(SHUTDOWN_STATUS)
+        self._in_flight.clear()
 
     async def execute(
         self, action_digest: Digest, skip_cache_lookup: bool, priority: int
     ) -> OperationState:
+        if self._closing:
+            raise Unavailable("the worker is shutting down; retry the action")
         if not skip_cache_lookup:
             cached = await self._cached(action_digest)
             if cached is not None:
@@ -112,16 +135,36 @@ class ExecutionService:
             return None
 
     def cancel(self, name: str) -> None:
-        state = self.operations.get(name)
+        """CancelOperation by name; NotFound for a name this server does not know."""
+        self.cancel_state(self.operations.get(name))
+
+    def cancel_state(self, state: OperationState) -> None:
+        """Cancels an operation given its state, which works even after DeleteOperation
+        removed its name. A queued one leaves the queue and ends now; a running one ends
+        when the executor has stopped its processes."""
         if state.done:
             return
         state.cancel_requested.set()
-        if state.stage == Stage.QUEUED:
-            # Not started: it is skipped when it reaches the head of the queue.
-            self._finish_cancelled(state)
+        if state.stage != Stage.EXECUTING:
+            self._drop_queued(state)
+            state.finish_with_status(CANCELLED_STATUS)
+            self._forget(state)
 
-    def _finish_cancelled(self, state: OperationState) -> None:
-        state.fail(CANCELLED_STATUS)
+    def delete(self, name: str) -> None:
+        """DeleteOperation: forgets the name (NotFound if unknown). A running action goes on
+        (until its streams are all gone, when the servicer cancels it), but a new Execute of
+        the same action no longer joins it, since its name would not resolve."""
+        state = self.operations.get(name)
+        self.operations.delete(name)
+        self._forget(state)
+
+    def _drop_queued(self, state: OperationState) -> None:
+        remaining = [entry for entry in self._queue if entry[2] is not state]
+        if len(remaining) != len(self._queue):
+            heapq.heapify(remaining)
+            self._queue[:] = remaining
+
+    def _forget(self, state: OperationState) -> None:
         if self._in_flight.get(state.action_digest) is state:
             del self._in_flight[state.action_digest]
 
@@ -137,14 +180,9 @@ class ExecutionService:
                 await self._run(state)
             except Exception:
                 log.exception("executing %s failed unexpectedly", state.action_digest)
-                state.fail(
-                    status_pb2.Status(
-                        code=grpc.StatusCode.INTERNAL.value[0], message="internal error"
-                    )
-                )
+                state.finish_with_status(INTERNAL_STATUS)
             finally:
-                if self._in_flight.get(state.action_digest) is state:
-                    del self._in_flight[state.action_digest]
+                self._forget(state)
 
     async def _run(self, state: OperationState) -> None:
         state.set_stage(Stage.EXECUTING)
@@ -153,7 +191,11 @@ class ExecutionService:
                 state.action_digest, state.metadata, state.cancel_requested
             )
         except Cancelled as error:
-            state.fail(to_status_proto(error))
+            if self._closing:
+                state.finish_with_status(SHUTDOWN_STATUS)
+            else:
+                code = CANCELLED_STATUS.code
+                state.finish_with_status(status_pb2.Status(code=code, message=str(error)))
             return
         if (
             action is not None

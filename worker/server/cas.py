@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import base64
+import sys
+from collections import deque
 from collections.abc import AsyncIterator
 from typing import Any
 
 import anyio
 import grpc
+from google.protobuf.message import DecodeError
 
 from worker.cas.disk_store import DiskBlobStore
 from worker.digests import Digest
@@ -17,7 +20,12 @@ from worker.server.rpc_errors import rpc_errors
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
-GET_TREE_DEFAULT_PAGE = 1000
+MiB = 1024 * 1024
+# gRPC clients accept 4 MiB messages unless configured otherwise (Bazel, the Go and Java
+# stacks, grpcio): a GetTree response must fit that as well as the server's own limit.
+CLIENT_DEFAULT_RECEIVE_BYTES = 4 * MiB
+# Room for the response's own framing and its next_page_token.
+GET_TREE_MARGIN_BYTES = 64 * 1024
 
 
 def _check_batch_size(total: int, limit: int) -> None:
@@ -29,9 +37,18 @@ def _check_batch_size(total: int, limit: int) -> None:
 
 
 class ContentAddressableStorageServicer(re_grpc.ContentAddressableStorageServicer):
-    def __init__(self, store: DiskBlobStore, max_batch_total_size_bytes: int) -> None:
+    def __init__(
+        self,
+        store: DiskBlobStore,
+        max_batch_total_size_bytes: int,
+        max_message_bytes: int = CLIENT_DEFAULT_RECEIVE_BYTES,
+    ) -> None:
         self._store = store
         self._max_batch = max_batch_total_size_bytes
+        # Largest sum of directory fields in one GetTree response.
+        self._tree_budget = (
+            min(max_message_bytes, CLIENT_DEFAULT_RECEIVE_BYTES) - GET_TREE_MARGIN_BYTES
+        )
 
     @rpc_errors
     async def FindMissingBlobs(
@@ -83,46 +100,126 @@ class ContentAddressableStorageServicer(re_grpc.ContentAddressableStorageService
     async def GetTree(
         self, request: re_pb2.GetTreeRequest, context: Context
     ) -> AsyncIterator[re_pb2.GetTreeResponse]:
+        """Streams every distinct Directory under the root, breadth first, in as many
+        responses as it takes; see `TreeWalk` for the order and `_tree_budget` for sizes.
+
+        `page_size` caps the directories in each response (0: only the byte budget does).
+        Every response but the last carries a `next_page_token`; the last carries none, which
+        marks the end of the tree. A client whose stream broke can call again with the token
+        of the last response it processed and gets the rest (REAPI: the token is used "to skip
+        ahead in the stream (e.g. when retrying a partially completed and aborted request)").
+        A client that stops reading early can do the same. A token is bound to its root: any
+        other token, or one pointing past the end of the tree, is INVALID_ARGUMENT. A missing
+        root is NOT_FOUND; missing directories below it are left out, as the spec says.
+        """
         if request.page_size < 0:
             raise InvalidArgument(f"page_size {request.page_size} is negative")
-        page_size = request.page_size or GET_TREE_DEFAULT_PAGE
-        start = _decode_page_token(request.page_token)
         root = Digest.from_proto(request.root_digest)
-        directories = await anyio.to_thread.run_sync(self._walk, root, start + page_size)
-        page = directories[start : start + page_size]
-        more = len(directories) > start + page_size
-        token = _encode_page_token(start + page_size) if more else ""
-        yield re_pb2.GetTreeResponse(directories=page, next_page_token=token)
+        start = _decode_page_token(request.page_token, root)
+        most = request.page_size or sys.maxsize
+        walk = TreeWalk(self._store, root)
+        await anyio.to_thread.run_sync(walk.skip, start)
+        while True:
+            page = await anyio.to_thread.run_sync(walk.page, most, self._tree_budget)
+            token = _encode_page_token(root, walk.position) if walk.more else ""
+            yield re_pb2.GetTreeResponse(directories=page, next_page_token=token)
+            if not walk.more:
+                return
 
-    def _walk(self, root: Digest, limit: int) -> list[re_pb2.Directory]:
-        """Breadth-first Directory messages under root, up to limit + 1 (to know if more exist)."""
+
+def _field_size(length: int) -> int:
+    """Bytes a length-delimited field of `length` bytes takes in a message (tag < 16)."""
+    return 1 + max(1, (length.bit_length() + 6) // 7) + length
+
+
+class TreeWalk:
+    """Breadth-first over the distinct Directory messages under a root (each digest once, so a
+    small tree of repeated subtrees cannot make an endless stream). Children come in the order
+    their parent lists them, so the order is the same on every call while the CAS holds the
+    same blobs, which is what makes a page token (a count of directories) resumable.
+
+    Blocking (reads the disk): run it in a thread.
+    """
+
+    def __init__(self, store: DiskBlobStore, root: Digest) -> None:
+        self._store = store
+        self._root = root
+        self._pending: deque[Digest] = deque()
+        self._seen: set[Digest] = {root}
+        self._next: re_pb2.Directory | None = None
+        self.position = 0  # directories handed out so far
+
+    @property
+    def more(self) -> bool:
+        return self._next is not None
+
+    def skip(self, count: int) -> None:
+        """Reads the root (NotFound if absent), then passes over `count` directories."""
         try:
-            found = [re_pb2.Directory.FromString(self._store.read(root))]
+            data = self._store.read(self._root)
         except NotFound:
-            raise NotFound(f"root directory {root} is not in the CAS") from None
-        index = 0
-        while index < len(found) and len(found) <= limit:
-            for child in found[index].directories:
-                try:
-                    data = self._store.read(Digest.from_proto(child.digest))
-                except NotFound:
-                    continue  # The spec leaves missing subtrees out of the answer.
-                found.append(re_pb2.Directory.FromString(data))
-            index += 1
-        return found
+            raise NotFound(f"root directory {self._root} is not in the CAS") from None
+        self._next = self._parse(self._root, data)
+        for _ in range(count):
+            if self._next is None:
+                raise InvalidArgument("page_token points past the end of this tree")
+            self._advance()
+
+    def page(self, most: int, budget: int) -> list[re_pb2.Directory]:
+        """Up to `most` directories whose fields in a GetTreeResponse add up to at most
+        `budget` bytes; a single directory above the budget still goes, alone."""
+        page: list[re_pb2.Directory] = []
+        used = 0
+        while self._next is not None and len(page) < most:
+            cost = _field_size(self._next.ByteSize())
+            if page and used + cost > budget:
+                break
+            page.append(self._next)
+            used += cost
+            self._advance()
+        return page
+
+    def _advance(self) -> None:
+        assert self._next is not None
+        for child in self._next.directories:
+            try:
+                digest = Digest.from_proto(child.digest)
+            except InvalidArgument:
+                continue  # not a digest this server could hold: as good as missing
+            if digest not in self._seen:
+                self._seen.add(digest)
+                self._pending.append(digest)
+        self.position += 1
+        self._next = None
+        while self._pending and self._next is None:
+            digest = self._pending.popleft()
+            try:
+                data = self._store.read(digest)
+            except NotFound:
+                continue  # The spec leaves missing subtrees out of the answer.
+            self._next = self._parse(digest, data)
+
+    @staticmethod
+    def _parse(digest: Digest, data: bytes) -> re_pb2.Directory:
+        try:
+            return re_pb2.Directory.FromString(data)
+        except DecodeError:
+            raise InvalidArgument(f"blob {digest} in the tree is not a Directory") from None
 
 
-def _encode_page_token(offset: int) -> str:
-    return base64.urlsafe_b64encode(f"offset:{offset}".encode()).decode()
+def _encode_page_token(root: Digest, position: int) -> str:
+    return base64.urlsafe_b64encode(f"tree:{root}:{position}".encode()).decode()
 
 
-def _decode_page_token(token: str) -> int:
+def _decode_page_token(token: str, root: Digest) -> int:
+    """The number of directories to skip; INVALID_ARGUMENT for a token this server did not
+    issue for this root."""
     if not token:
         return 0
     try:
-        kind, _, value = base64.urlsafe_b64decode(token.encode()).decode().partition(":")
-        if kind == "offset" and value.isdigit():
-            return int(value)
+        kind, tree, position = base64.urlsafe_b64decode(token.encode()).decode().split(":")
+        if kind == "tree" and tree == str(root) and position.isdigit():
+            return int(position)
     except (ValueError, UnicodeDecodeError):
         pass
-    raise InvalidArgument(f"page_token {token!r} was not issued by this server")
+    raise InvalidArgument(f"page_token {token!r} was not issued by this server for root {root}")

@@ -1,19 +1,28 @@
-"""Execution (Execute, WaitExecution) and Operations (Get, List, Cancel, Delete) servicers."""
+"""Execution (Execute, WaitExecution) and Operations (Get, List, Cancel, Delete) servicers.
+
+Operation names are capabilities: `operations/` and a random UUID, handed only to the client
+whose Execute created (or joined) the operation. Whoever holds a name can follow, cancel or
+delete that operation; an unknown name is NOT_FOUND. Nothing on the public port lists names.
+"""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import logging
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
 import grpc
 from google.protobuf import empty_pb2
 
 from worker.digests import Digest
+from worker.errors import PermissionDenied
 from worker.execution.operations import OperationState
 from worker.execution.service import ExecutionService
 from worker.reapi import ops_grpc, ops_pb2, re_grpc, re_pb2
 from worker.server.rpc_errors import rpc_errors
+
+log = logging.getLogger(__name__)
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
@@ -29,7 +38,7 @@ class OperationFollower:
         self._service = service
         self._grace_s = grace_s
 
-    async def follow(self, state: OperationState) -> AsyncIterator[ops_pb2.Operation]:
+    async def follow(self, state: OperationState) -> AsyncGenerator[ops_pb2.Operation, None]:
         state.watchers += 1
         try:
             async for operation in state.updates():
@@ -42,8 +51,15 @@ class OperationFollower:
                 )
 
     def _cancel_if_abandoned(self, state: OperationState) -> None:
-        if not state.done and state.watchers == 0:
-            self._service.cancel(state.name)
+        """Runs in a timer callback, where an exception would only be logged by the loop:
+        it works on the state itself (its name may have been deleted meanwhile) and never
+        raises."""
+        if state.done or state.watchers > 0:
+            return
+        try:
+            self._service.cancel_state(state)
+        except Exception:
+            log.exception("could not cancel abandoned operation %s", state.name)
 
 
 class ExecutionServicer(re_grpc.ExecutionServicer):
@@ -73,6 +89,16 @@ class ExecutionServicer(re_grpc.ExecutionServicer):
 
 
 class OperationsServicer(ops_grpc.OperationsServicer):
+    """google.longrunning.Operations on the public port, for names the caller was given.
+
+    REAPI `Execute`: "The server NEED NOT implement other methods or functionality of the
+    Operations API." Get, Cancel and Delete take a name and answer NOT_FOUND for one this
+    server does not know. ListOperations is refused with PERMISSION_DENIED whatever its
+    `name`, `filter`, `page_size` or `page_token`: it would hand every client the names (and
+    so the power to cancel) of everyone's operations. Listing is an operator function; it
+    belongs to the admin interface to come, not to this port, so `filter` is not implemented.
+    """
+
     def __init__(self, service: ExecutionService) -> None:
         self._service = service
 
@@ -86,9 +112,9 @@ class OperationsServicer(ops_grpc.OperationsServicer):
     async def ListOperations(
         self, request: ops_pb2.ListOperationsRequest, context: Context
     ) -> ops_pb2.ListOperationsResponse:
-        states, following = self._service.operations.page(request.page_size, request.page_token)
-        return ops_pb2.ListOperationsResponse(
-            operations=[s.to_proto() for s in states], next_page_token=following
+        raise PermissionDenied(
+            "listing operations is an operator function and is not offered on this port; "
+            "use the operation names your Execute calls returned"
         )
 
     @rpc_errors
@@ -102,5 +128,5 @@ class OperationsServicer(ops_grpc.OperationsServicer):
     async def DeleteOperation(
         self, request: ops_pb2.DeleteOperationRequest, context: Context
     ) -> empty_pb2.Empty:
-        self._service.operations.delete(request.name)
+        self._service.delete(request.name)
         return empty_pb2.Empty()
