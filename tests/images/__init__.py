@@ -1,4 +1,5 @@
-"""Test images built offline: busybox-static images A and B, and a no-shell single-binary image."""
+"""Test images built offline: busybox-static images A and B, a no-shell single-binary image, and
+a "hostile" busybox image with a setuid-root probe and an image user with extra groups."""
 
 from __future__ import annotations
 
@@ -16,6 +17,12 @@ HERE = Path(__file__).parent
 IMAGE_A = "sidecar-test/busybox-a:1"
 IMAGE_B = "sidecar-test/busybox-b:1"
 NO_SHELL = "sidecar-test/noshell:1"
+HOSTILE = "sidecar-test/hostile:1"
+
+# The hostile image's user: in /etc/passwd with uid 1000, and a member of two more groups.
+IMAGE_USER = "builder"
+IMAGE_USER_UID = 1000
+IMAGE_USER_GROUPS = (2000, 2001)
 
 
 def _add(tar: tarfile.TarFile, name: str, data: bytes, mode: int = 0o644) -> None:
@@ -32,8 +39,16 @@ def _add_dir(tar: tarfile.TarFile, name: str, mode: int = 0o755) -> None:
     tar.addfile(info)
 
 
-def _busybox_rootfs(marker: str) -> bytes:
-    """A root filesystem with static busybox, its applets, and /etc/image-name."""
+def _static_binary(source: str) -> bytes:
+    with tempfile.TemporaryDirectory() as temp:
+        binary = Path(temp) / "program"
+        subprocess.run(["gcc", "-static", "-O2", "-o", str(binary), str(HERE / source)], check=True)
+        return binary.read_bytes()
+
+
+def _busybox_rootfs(marker: str, hostile: bool = False) -> bytes:
+    """A root filesystem with static busybox, its applets, and /etc/image-name; the hostile
+    one adds a setuid-root probe and an image user with supplementary groups."""
     applets = subprocess.run(
         [str(BUSYBOX), "--list"], capture_output=True, text=True, check=True
     ).stdout.split()
@@ -50,19 +65,24 @@ def _busybox_rootfs(marker: str) -> bytes:
                 tar.addfile(link)
         _add(tar, "etc/image-name", f"{marker}\n".encode())
         _add(tar, f"etc/only-in-{marker}", b"yes\n")
+        if hostile:
+            _add(tar, "bin/suid-probe", _static_binary("suid_probe.c"), 0o4755)
+            _add(
+                tar,
+                "etc/passwd",
+                f"root:x:0:0:root:/root:/bin/sh\n"
+                f"{IMAGE_USER}:x:{IMAGE_USER_UID}:{IMAGE_USER_UID}::/home/{IMAGE_USER}:/bin/sh\n".encode(),
+            )
+            extra = "".join(f"g{gid}:x:{gid}:{IMAGE_USER}\n" for gid in IMAGE_USER_GROUPS)
+            _add(tar, "etc/group", f"root:x:0:\n{IMAGE_USER}:x:{IMAGE_USER_UID}:\n{extra}".encode())
     return buffer.getvalue()
 
 
 def _no_shell_rootfs() -> bytes:
-    with tempfile.TemporaryDirectory() as temp:
-        binary = Path(temp) / "tool"
-        subprocess.run(
-            ["gcc", "-static", "-O2", "-o", str(binary), str(HERE / "tool.c")], check=True
-        )
-        buffer = io.BytesIO()
-        with tarfile.open(fileobj=buffer, mode="w") as tar:
-            _add(tar, "tool", binary.read_bytes(), 0o755)
-        return buffer.getvalue()
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        _add(tar, "tool", _static_binary("tool.c"), 0o755)
+    return buffer.getvalue()
 
 
 def _import(client: docker.APIClient, reference: str, rootfs: bytes, env_path: str) -> None:
@@ -82,5 +102,7 @@ def ensure_test_images() -> None:
                 _import(client, reference, _busybox_rootfs(marker), "/bin")
         if NO_SHELL not in present:
             _import(client, NO_SHELL, _no_shell_rootfs(), "/")
+        if HOSTILE not in present:
+            _import(client, HOSTILE, _busybox_rootfs("hostile", hostile=True), "/bin")
     finally:
         client.close()

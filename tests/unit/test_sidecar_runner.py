@@ -3,36 +3,69 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
+import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from worker.execution.sidecar_run import read_runner_status
 from worker.execution.wiring import DEFAULT_RUNNER
+from worker.runner_contract import RunnerReport, parse_report
 
 pytestmark = pytest.mark.skipif(
     not DEFAULT_RUNNER.exists(), reason="run `make` to build the runner"
 )
 
 
+NOBODY = 65534
+
+
+@pytest.fixture
+def tmp_path() -> Iterator[Path]:
+    """A directory the action's user can reach (pytest's own are root-only)."""
+    directory = Path(tempfile.mkdtemp(prefix="runner-test-"))
+    directory.chmod(0o755)
+    try:
+        yield directory
+    finally:
+        shutil.rmtree(directory)
+
+
+def runner_argv(action_dir: Path, *argv: str, timeout_ms: int = 10_000) -> list[str]:
+    """The runner as the worker starts it (as root), for uid/gid 65534, without the scrub
+    of /tmp (which would empty this machine's)."""
+    control = action_dir / "control"
+    control.mkdir(mode=0o700, exist_ok=True)
+    work = action_dir / "work"
+    work.mkdir(exist_ok=True)
+    os.chown(work, NOBODY, NOBODY)
+    return [
+        str(DEFAULT_RUNNER),
+        "run",
+        str(control),
+        str(NOBODY),
+        str(NOBODY),
+        str(timeout_ms),
+        str(work),
+        "-",
+        "--",
+        *argv,
+    ]
+
+
 def run(
     action_dir: Path, *argv: str, timeout_ms: int = 10_000
 ) -> subprocess.CompletedProcess[bytes]:
     return subprocess.run(
-        [
-            str(DEFAULT_RUNNER),
-            "run",
-            str(action_dir),
-            str(timeout_ms),
-            str(action_dir),
-            "--",
-            *argv,
-        ],
-        capture_output=True,
-        timeout=30,
+        runner_argv(action_dir, *argv, timeout_ms=timeout_ms), capture_output=True, timeout=30
     )
+
+
+def read_runner_status(action_dir: Path) -> RunnerReport | None:
+    return parse_report((action_dir / "control" / "status").read_text())
 
 
 def alive(marker: str) -> bool:
@@ -49,22 +82,22 @@ def alive(marker: str) -> bool:
 def test_exit_code_and_output_files(tmp_path: Path) -> None:
     result = run(tmp_path, "sh", "-c", "echo out; echo err >&2; exit 7")
     assert result.returncode == 7
-    assert (tmp_path / "stdout").read_bytes() == b"out\n"
-    assert (tmp_path / "stderr").read_bytes() == b"err\n"
+    assert (tmp_path / "control" / "stdout").read_bytes() == b"out\n"
+    assert (tmp_path / "control" / "stderr").read_bytes() == b"err\n"
     outcome = read_runner_status(tmp_path)
-    assert outcome is not None and (outcome.kind, outcome.exit_code) == ("exited", 7)
+    assert outcome is not None and (outcome.outcome, outcome.code) == ("exited", 7)
     assert result.stdout == b""  # nothing goes through the exec's own pipes
 
 
 def test_signal_death_is_reported_as_128_plus_signal(tmp_path: Path) -> None:
     run(tmp_path, "sh", "-c", "kill -9 $$")
     outcome = read_runner_status(tmp_path)
-    assert outcome is not None and (outcome.kind, outcome.exit_code) == ("signaled", 137)
+    assert outcome is not None and (outcome.outcome, outcome.code) == ("signaled", 9)
 
 
 def test_missing_program_is_127_with_a_message(tmp_path: Path) -> None:
     assert run(tmp_path, "/no/such/program").returncode == 127
-    assert b"cannot execute /no/such/program" in (tmp_path / "stderr").read_bytes()
+    assert b"cannot execute /no/such/program" in (tmp_path / "control" / "stderr").read_bytes()
 
 
 def test_timeout_kills_the_whole_tree(tmp_path: Path) -> None:
@@ -74,7 +107,7 @@ def test_timeout_kills_the_whole_tree(tmp_path: Path) -> None:
     assert time.monotonic() - began < 5
     assert result.returncode == 124
     outcome = read_runner_status(tmp_path)
-    assert outcome is not None and outcome.kind == "timeout"
+    assert outcome is not None and outcome.outcome == "timeout"
     assert not alive(marker)
 
 
@@ -89,14 +122,12 @@ def test_processes_that_escape_with_setsid_are_killed_when_the_action_ends(tmp_p
 
 def test_cancel_kills_a_running_action(tmp_path: Path) -> None:
     marker = f"sleep 33{os.getpid() % 1000:03}"
-    process = subprocess.Popen(
-        [str(DEFAULT_RUNNER), "run", str(tmp_path), "0", str(tmp_path), "--", "sh", "-c", marker]
-    )
+    process = subprocess.Popen(runner_argv(tmp_path, "sh", "-c", marker, timeout_ms=0))
     deadline = time.monotonic() + 10
     while not alive(marker) and time.monotonic() < deadline:
         time.sleep(0.02)
-    subprocess.run([str(DEFAULT_RUNNER), "cancel", str(tmp_path)], check=True)
+    subprocess.run([str(DEFAULT_RUNNER), "cancel", str(tmp_path / "control")], check=True)
     assert process.wait(timeout=10) == 128 + 15
     outcome = read_runner_status(tmp_path)
-    assert outcome is not None and outcome.kind == "cancelled"
+    assert outcome is not None and outcome.outcome == "cancelled"
     assert not alive(marker)

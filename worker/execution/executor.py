@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import os
-import shutil
-import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TypeVar
@@ -17,7 +16,7 @@ from google.protobuf import duration_pb2, timestamp_pb2
 
 from worker.cas.disk_store import DiskBlobStore
 from worker.config import ExecutionSettings
-from worker.digests import EMPTY_DIGEST, Digest
+from worker.digests import Digest
 from worker.errors import (
     Cancelled,
     DeadlineExceeded,
@@ -27,25 +26,42 @@ from worker.errors import (
     NotFound,
     ServiceError,
     Unavailable,
+    raise_if_disk_full,
     to_status_proto,
 )
 from worker.execution.inputs import (
     DirectoryCache,
-    check_relative_path,
+    InputTree,
+    check_action_paths,
     load_input_tree,
-    prepare_output_parents,
-    stage_input_root,
+    stage_action,
 )
-from worker.execution.outputs import OutputCollector
+from worker.execution.outputs import OutputCollector, collect_stream
 from worker.execution.platform import ExecutionPlatform, resolve_platform
 from worker.execution.sidecar_run import RunOutcome, SidecarRun
+from worker.handles import (
+    LeavesTree,
+    open_dir_at,
+    open_trusted_dir,
+    opened,
+    remove_tree_at,
+)
 from worker.pool.pools import SidecarPools
 from worker.pool.sidecar_pool import PoolKey, Sidecar
 from worker.reapi import re_pb2
+from worker.runner_contract import (
+    CONTROL,
+    INPUT_ROOT,
+    STDERR,
+    STDOUT,
+    ActionDir,
+    RunRequest,
+)
 from worker.runtime.protocol import (
     ContainerGone,
     ContainerNotRunning,
     ContainerRuntimeError,
+    RuntimeRejected,
     RuntimeUnavailable,
 )
 
@@ -89,15 +105,18 @@ def action_timeout_s(action: re_pb2.Action, settings: ExecutionSettings) -> floa
     return seconds
 
 
-def action_environment(command: re_pb2.Command, action_dir: Path) -> dict[str, str]:
+def action_environment(command: re_pb2.Command, action: ActionDir) -> dict[str, str]:
     """Exactly the Command's variables (on top of the image's own, which Docker supplies), plus
     HOME and TMPDIR inside the action directory unless the Command sets them."""
-    env = {"HOME": str(action_dir / "home"), "TMPDIR": str(action_dir / "tmp")}
+    env = {"HOME": str(action.home), "TMPDIR": str(action.tmp)}
     env.update((v.name, v.value) for v in command.environment_variables)
     return env
 
 
 class ActionExecutor:
+    """One action: load and check it, lease a sidecar, stage into that sidecar's directory,
+    run, collect once no process of the action can run, clean up."""
+
     def __init__(
         self,
         store: DiskBlobStore,
@@ -105,14 +124,14 @@ class ActionExecutor:
         sidecar_run: SidecarRun,
         settings: ExecutionSettings,
         worker_name: str,
-        actions_dir: Path,
+        trash_dir: Path,
     ) -> None:
         self._store = store
         self._pools = pools
         self._sidecar_run = sidecar_run
         self._settings = settings
         self._worker = worker_name
-        self._actions_dir = actions_dir
+        self._trash_dir = trash_dir
         self._directories = DirectoryCache(store)
         self._cleanups: set[asyncio.Task[None]] = set()
 
@@ -151,82 +170,55 @@ class ActionExecutor:
         )
         if not command.arguments:
             raise InvalidArgument("the Command has no arguments")
-        if command.working_directory:
-            check_relative_path(command.working_directory, "working_directory")
         timeout_s = action_timeout_s(action, self._settings)
         platform = resolve_platform(action, command, self._settings)
+        metadata.input_fetch_start_timestamp.CopyFrom(now())
+        tree = await anyio.to_thread.run_sync(
+            functools.partial(
+                load_input_tree,
+                self._directories,
+                self._store,
+                Digest.from_proto(action.input_root_digest),
+                max_depth=self._settings.max_input_depth,
+                max_entries=self._settings.max_input_entries,
+            )
+        )
+        check_action_paths(tree, command)
         key = await self._pools.key_for(platform)  # pulls the image if needed
-
-        action_dir = self._actions_dir / uuid.uuid4().hex
-        try:
-            metadata.input_fetch_start_timestamp.CopyFrom(now())
-            working_dir = await anyio.to_thread.run_sync(
-                self._stage, action, command, platform, action_dir
-            )
-            metadata.input_fetch_completed_timestamp.CopyFrom(now())
-            if cancelled.is_set():
-                raise Cancelled("cancelled before it ran")
-
-            metadata.execution_start_timestamp.CopyFrom(now())
-            outcome = await self._run(
-                platform, key, action_dir, working_dir, command, timeout_s, cancelled
-            )
-            metadata.execution_completed_timestamp.CopyFrom(now())
-
-            metadata.output_upload_start_timestamp.CopyFrom(now())
-            await anyio.to_thread.run_sync(
-                self._collect, command, action_dir, working_dir, response.result
-            )
-            metadata.output_upload_completed_timestamp.CopyFrom(now())
-        finally:
-            self._remove_later(action_dir)
+        outcome = await self._run(
+            platform, key, tree, command, timeout_s, cancelled, metadata, response
+        )
         self._judge(outcome, timeout_s, response)
 
     # ------------------------------------------------------------------ steps
 
-    def _stage(
-        self,
-        action: re_pb2.Action,
-        command: re_pb2.Command,
-        platform: ExecutionPlatform,
-        action_dir: Path,
-    ) -> Path:
-        tree = load_input_tree(
-            self._directories, self._store, Digest.from_proto(action.input_root_digest)
-        )
-        uid, _, gid = platform.user.partition(":")
-        owner = (int(uid), int(gid)) if os.geteuid() == 0 else None
-        input_root = action_dir / "root"
-        for directory in (action_dir, input_root, action_dir / "home", action_dir / "tmp"):
-            directory.mkdir(parents=True)
-            if owner is not None:
-                os.chown(directory, *owner)
-        stage_input_root(
-            tree, self._store, input_root, copy_files=platform.runs_as_root, owner=owner
-        )
-        working_dir = input_root / command.working_directory
-        working_dir.mkdir(parents=True, exist_ok=True)
-        prepare_output_parents(command, working_dir, owner)
-        return working_dir
+    def _lease_function(
+        self, platform: ExecutionPlatform, key: PoolKey
+    ) -> tuple[Callable[[], Awaitable[Sidecar]], Callable[[Sidecar, bool], Awaitable[None]], int]:
+        """How to get and give back a sidecar, and how many actions share one at once."""
+        if platform.reuse_sidecar:
+            pool = self._pools.pool_for(key, platform.image)
+            return pool.lease, pool.release, pool.actions_per_sidecar
+
+        async def destroy(sidecar: Sidecar, reusable: bool) -> None:
+            await self._pools.destroy(sidecar)
+
+        return functools.partial(self._pools.create, key), destroy, 1
 
     async def _run(
         self,
         platform: ExecutionPlatform,
         key: PoolKey,
-        action_dir: Path,
-        working_dir: Path,
+        tree: InputTree,
         command: re_pb2.Command,
         timeout_s: float,
         cancelled: asyncio.Event,
+        metadata: re_pb2.ExecutedActionMetadata,
+        response: re_pb2.ExecuteResponse,
     ) -> RunOutcome:
         """Runs the command in a leased (or, for sidecar-reuse=false, a fresh) sidecar. A sidecar
         found gone or stopped before the exec started is replaced once."""
-        env = action_environment(command, action_dir)
-        argv = list(command.arguments)
-        pool = self._pools.pool_for(key, platform.image) if platform.reuse_sidecar else None
-        lease: Callable[[], Awaitable[Sidecar]] = (
-            pool.lease if pool is not None else functools.partial(self._pools.create, key)
-        )
+        lease, release, sharing = self._lease_function(platform, key)
         attempts = 0
         while True:
             attempts += 1
@@ -238,11 +230,23 @@ class ActionExecutor:
                 raise FailedPrecondition(
                     f"cannot create a sidecar of {platform.image}: {error}"
                 ) from None
-            outcome: RunOutcome | None = None
+            assert sidecar.directory is not None
+            action = ActionDir.new(sidecar.directory)
+            reusable = False
             try:
-                outcome = await self._sidecar_run.run(
-                    sidecar, action_dir, working_dir, argv, env, platform.user, timeout_s, cancelled
+                outcome = await self._run_in(
+                    sidecar,
+                    action,
+                    platform,
+                    tree,
+                    command,
+                    timeout_s,
+                    sharing,
+                    cancelled,
+                    metadata,
+                    response,
                 )
+                reusable = outcome.sidecar_reusable
                 return outcome
             except (ContainerGone, ContainerNotRunning) as error:
                 log.warning("sidecar %s unusable (%s)", sidecar.short_id, error)
@@ -252,29 +256,127 @@ class ActionExecutor:
                     ) from None
             except RuntimeUnavailable as error:
                 raise Unavailable(f"Docker daemon: {error}") from None
+            except RuntimeRejected as error:
+                raise FailedPrecondition(f"the Docker daemon refused: {error}") from None
             finally:
-                reusable = outcome is not None and outcome.sidecar_reusable
-                if pool is not None:
-                    await pool.release(sidecar, reusable=reusable)
-                else:
-                    await self._pools.destroy(sidecar)
+                if reusable:
+                    reusable = await anyio.to_thread.run_sync(self._discard, action)
+                    if reusable:
+                        self._remove_later(action.name)
+                await release(sidecar, reusable)
+
+    async def _run_in(
+        self,
+        sidecar: Sidecar,
+        action: ActionDir,
+        platform: ExecutionPlatform,
+        tree: InputTree,
+        command: re_pb2.Command,
+        timeout_s: float,
+        sharing: int,
+        cancelled: asyncio.Event,
+        metadata: re_pb2.ExecutedActionMetadata,
+        response: re_pb2.ExecuteResponse,
+    ) -> RunOutcome:
+        working_dir = await anyio.to_thread.run_sync(self._stage, tree, command, platform, action)
+        metadata.input_fetch_completed_timestamp.CopyFrom(now())
+        if cancelled.is_set():
+            raise Cancelled("cancelled before it ran")
+
+        request = RunRequest(
+            control_dir=action.control,
+            uid=platform.uid,
+            gid=platform.gid,
+            timeout_ms=max(int(timeout_s * 1000), 1),
+            working_dir=working_dir,
+            argv=tuple(command.arguments),
+            scrub=not platform.runs_as_root,
+            exclusive=sharing == 1,
+        )
+        metadata.execution_start_timestamp.CopyFrom(now())
+        outcome = await self._sidecar_run.run(
+            sidecar, action, request, action_environment(command, action), timeout_s, cancelled
+        )
+        metadata.execution_completed_timestamp.CopyFrom(now())
+        response.result.exit_code = outcome.exit_code
+        if not outcome.sidecar_reusable:
+            # Outputs are read only once no process of the action can still run.
+            try:
+                await self._pools.stop(sidecar)
+            except ContainerRuntimeError as error:
+                raise Unavailable(
+                    f"the sidecar could not be stopped ({error}); its outputs cannot be "
+                    "collected safely"
+                ) from None
+        metadata.output_upload_start_timestamp.CopyFrom(now())
+        await anyio.to_thread.run_sync(self._collect, command, action, response.result)
+        metadata.output_upload_completed_timestamp.CopyFrom(now())
+        return outcome
+
+    def _stage(
+        self,
+        tree: InputTree,
+        command: re_pb2.Command,
+        platform: ExecutionPlatform,
+        action: ActionDir,
+    ) -> Path:
+        owner = (platform.uid, platform.gid) if os.geteuid() == 0 else None
+        try:
+            return stage_action(
+                tree,
+                self._store,
+                command,
+                action,
+                owner=owner,
+                copy_files=platform.runs_as_root,
+            )
+        except OSError as error:
+            raise_if_disk_full(error, "the input root")
+            raise Internal(f"staging the input root failed: {error}") from error
 
     def _collect(
-        self,
-        command: re_pb2.Command,
-        action_dir: Path,
-        working_dir: Path,
-        result: re_pb2.ActionResult,
+        self, command: re_pb2.Command, action: ActionDir, result: re_pb2.ActionResult
     ) -> None:
-        for stream in ("stdout", "stderr"):
-            path = action_dir / stream
-            try:
-                empty = path.stat().st_size == 0
-            except FileNotFoundError:
-                empty = True
-            digest = EMPTY_DIGEST if empty else self._store.ingest_file(path)
-            getattr(result, f"{stream}_digest").CopyFrom(digest.to_proto())
-        OutputCollector(self._store, action_dir / "root", working_dir).collect(command, result)
+        try:
+            with (
+                opened(open_trusted_dir(action.sidecar_dir)) as sidecar_fd,
+                opened(open_dir_at(sidecar_fd, action.name)) as action_fd,
+            ):
+                with opened(open_dir_at(action_fd, CONTROL)) as control_fd:
+                    result.stdout_digest.CopyFrom(
+                        collect_stream(self._store, control_fd, STDOUT).to_proto()
+                    )
+                    result.stderr_digest.CopyFrom(
+                        collect_stream(self._store, control_fd, STDERR).to_proto()
+                    )
+                with opened(open_dir_at(action_fd, INPUT_ROOT)) as root_fd:
+                    OutputCollector(
+                        self._store,
+                        root_fd,
+                        command.working_directory,
+                        self._settings.max_input_depth,
+                    ).collect(command, result)
+        except (LeavesTree, FileNotFoundError) as error:
+            raise FailedPrecondition(
+                f"the action replaced a directory the worker made for it ({error})"
+            ) from None
+        except OSError as error:
+            raise_if_disk_full(error, "the action's outputs")
+            raise Internal(f"collecting outputs failed: {error}") from error
+
+    def _discard(self, action: ActionDir) -> bool:
+        """Moves a finished action's directory out of its sidecar's, so the next action there
+        cannot see it. False if it could not be moved."""
+        try:
+            with (
+                opened(open_trusted_dir(action.sidecar_dir)) as sidecar_fd,
+                opened(open_trusted_dir(self._trash_dir)) as trash_fd,
+            ):
+                os.rename(action.name, action.name, src_dir_fd=sidecar_fd, dst_dir_fd=trash_fd)
+        except OSError as error:
+            log.warning("could not clear %s: %s; the sidecar goes", action.path, error)
+            return False
+        return True
 
     @staticmethod
     def _judge(outcome: RunOutcome, timeout_s: float, response: re_pb2.ExecuteResponse) -> None:
@@ -285,13 +387,17 @@ class ActionExecutor:
             )
             response.status.CopyFrom(to_status_proto(error))
         elif outcome.kind == "cancelled":
-            raise Cancelled("the action was cancelled and its processes killed")
+            # The ExecuteResponse keeps what was collected; CANCELLED is never cached.
+            response.status.CopyFrom(
+                to_status_proto(Cancelled("the action was cancelled and its processes killed"))
+            )
         elif outcome.kind in ("runner_error", "unclean", "lost"):
+            detail = f": {outcome.detail}" if outcome.detail else ""
             response.status.CopyFrom(
                 to_status_proto(
                     Internal(
                         f"the sidecar failed while running the action ({outcome.kind}, "
-                        f"code {outcome.code}); the sidecar was replaced"
+                        f"code {outcome.code}{detail}); the sidecar was replaced"
                     )
                 )
             )
@@ -301,9 +407,17 @@ class ActionExecutor:
                 "(sidecar memory limit); the sidecar was replaced"
             )
 
-    def _remove_later(self, action_dir: Path) -> None:
-        task = asyncio.create_task(
-            anyio.to_thread.run_sync(functools.partial(shutil.rmtree, action_dir, True))
-        )
+    def _remove_later(self, name: str) -> None:
+        def remove() -> None:
+            with opened(open_trusted_dir(self._trash_dir)) as trash_fd:
+                remove_tree_at(trash_fd, name)
+
+        task = asyncio.create_task(anyio.to_thread.run_sync(remove))
         self._cleanups.add(task)
         task.add_done_callback(self._cleanups.discard)
+
+    async def close(self) -> None:
+        """Waits for background removals."""
+        if self._cleanups:
+            with contextlib.suppress(Exception):
+                await asyncio.gather(*self._cleanups, return_exceptions=True)

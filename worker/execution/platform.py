@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fnmatch
 import platform as host_platform
+import re
 from dataclasses import dataclass
 
 from worker.config import ExecutionSettings
@@ -23,18 +24,41 @@ _ISA_ALIASES = {"x86_64": "x86-64", "amd64": "x86-64", "aarch64": "aarch64", "ar
 HOST_ISA = _ISA_ALIASES.get(host_platform.machine().lower(), host_platform.machine().lower())
 
 
+_NUMERIC_USER = re.compile(r"([0-9]{1,10})(?::([0-9]{1,10}))?")
+MAX_ID = 2**31 - 1
+
+
+def parse_user(value: str) -> tuple[int, int]:
+    """A numeric `uid[:gid]` (ASCII digits only; gid defaults to uid) as integers, so that
+    every spelling of a number (`0`, `00`, `0:0`) means the same user."""
+    match = _NUMERIC_USER.fullmatch(value)
+    if match is None:
+        raise InvalidArgument(f"dockerUser={value!r} must be a numeric uid or uid:gid")
+    uid = int(match.group(1))
+    gid = int(match.group(2)) if match.group(2) is not None else uid
+    if uid > MAX_ID or gid > MAX_ID:
+        raise InvalidArgument(f"dockerUser={value!r}: ids above {MAX_ID} are not supported")
+    return uid, gid
+
+
 @dataclass(frozen=True)
 class ExecutionPlatform:
     """Where and how one action runs."""
 
     image: str
     network: str
-    user: str
+    uid: int
+    gid: int
     reuse_sidecar: bool
 
     @property
+    def user(self) -> str:
+        """The canonical `uid:gid`, one spelling per user (pools are keyed by it)."""
+        return f"{self.uid}:{self.gid}"
+
+    @property
     def runs_as_root(self) -> bool:
-        return self.user.partition(":")[0] == "0"
+        return self.uid == 0
 
 
 def merged_properties(action: re_pb2.Action, command: re_pb2.Command) -> dict[str, str]:
@@ -62,11 +86,11 @@ def image_reference(value: str) -> str:
 
 def _flag(name: str, value: str) -> bool:
     lowered = value.lower()
-    if lowered in ("true", "1", "yes"):
+    if lowered == "true":
         return True
-    if lowered in ("false", "0", "no"):
+    if lowered == "false":
         return False
-    raise InvalidArgument(f"platform property {name}={value!r} is not true or false")
+    raise InvalidArgument(f"platform property {name}={value!r} must be true or false")
 
 
 def resolve_platform(
@@ -111,18 +135,11 @@ def resolve_platform(
             f"{settings.allowed_networks})"
         )
 
-    user = settings.default_user
-    if USER in properties:
-        user = properties[USER]
-        uid, sep, gid = user.partition(":")
-        if not uid.isdigit() or (sep and not gid.isdigit()):
-            raise InvalidArgument(f"dockerUser={user!r} must be a numeric uid or uid:gid")
-        if not sep:
-            user = f"{uid}:{uid}"
+    uid, gid = parse_user(properties.get(USER, settings.default_user))
     if RUN_AS_ROOT in properties and _flag(RUN_AS_ROOT, properties[RUN_AS_ROOT]):
-        user = "0:0"
-    if user.partition(":")[0] == "0" and not settings.allow_root:
+        uid, gid = 0, 0
+    if uid == 0 and not settings.allow_root:
         raise PermissionDenied("running actions as root is not allowed (execution.allow_root)")
 
     reuse = _flag(REUSE, properties[REUSE]) if REUSE in properties else True
-    return ExecutionPlatform(image=image, network=network, user=user, reuse_sidecar=reuse)
+    return ExecutionPlatform(image=image, network=network, uid=uid, gid=gid, reuse_sidecar=reuse)

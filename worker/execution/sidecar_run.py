@@ -1,17 +1,34 @@
-"""Runs one action's command in a leased sidecar through the runner, and reads what it reported."""
+"""Runs one action in a leased sidecar through the runner, and judges what it reported."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
+import os
+import signal
 from dataclasses import dataclass
-from pathlib import Path
 
 import anyio
 
-from worker.pool.pools import RUNNER_IN_SIDECAR
+from worker.handles import (
+    LeavesTree,
+    open_dir_at,
+    open_regular_file_at,
+    open_trusted_dir,
+    opened,
+)
 from worker.pool.sidecar_pool import Sidecar
+from worker.runner_contract import (
+    CONTROL,
+    REPORT,
+    ActionDir,
+    RunnerReport,
+    RunRequest,
+    cancel_argv,
+    parse_report,
+)
 from worker.runtime.exec_waiter import ExecWaiter
 from worker.runtime.protocol import ContainerRuntime, ContainerRuntimeError, ExecSpec
 from worker.runtime.threads import in_thread
@@ -21,47 +38,116 @@ log = logging.getLogger(__name__)
 # How long past its timeout (or a cancel) an action may take before the sidecar is given up.
 GRACE_S = 10.0
 
+# The runner's own exit code for each outcome (sidecar/README.md); a report that disagrees
+# with how the exec ended was not written by a runner that finished.
+_RUNNER_ERROR_EXIT = 125
+_TIMEOUT_EXIT = 124
+
+KILLED_EXIT_CODE = 128 + signal.SIGKILL
+
 
 @dataclass(frozen=True)
 class RunOutcome:
-    """What the runner wrote to runner.status, or `lost` if it wrote nothing."""
+    """How an action ended, from facts the action cannot forge.
 
-    kind: str  # exited | signaled | timeout | cancelled | unclean | runner_error | lost
+    kind: exited | signaled | timeout | cancelled | unclean | runner_error | lost. `clean`
+    means the runner confirmed that no process of the action survived and that the
+    sidecar's scratch places were emptied; only then may the sidecar serve another action.
+    """
+
+    kind: str
     code: int
     strays_killed: int = 0
     oom_kills: int = 0
+    clean: bool = False
+    detail: str = ""
 
     @property
     def exit_code(self) -> int:
-        """The action's exit code as a shell would report it (128+N for signal N)."""
+        """The action's exit code as a shell would report it: 128+N for signal N, and
+        128+SIGKILL for an action that was killed because it timed out or was cancelled."""
         if self.kind == "exited":
             return self.code
         if self.kind == "signaled":
             return 128 + self.code
+        if self.kind in ("timeout", "cancelled"):
+            return KILLED_EXIT_CODE
         return 0
 
     @property
     def sidecar_reusable(self) -> bool:
-        """Only a sidecar whose action ended by itself, and not by the OOM killer, is reused."""
-        return self.kind in ("exited", "signaled") and self.oom_kills == 0
+        """Only a sidecar whose action ended by itself, not by the OOM killer, and that the
+        runner confirmed clean, is reused."""
+        return self.kind in ("exited", "signaled") and self.oom_kills == 0 and self.clean
 
 
-def read_runner_status(action_dir: Path) -> RunOutcome | None:
+def _runner_exit_code(report: RunnerReport) -> int:
+    if report.outcome == "exited":
+        return report.code
+    if report.outcome == "timeout":
+        return _TIMEOUT_EXIT
+    if report.outcome in ("unclean", "runner_error"):
+        return _RUNNER_ERROR_EXIT
+    return 128 + report.code
+
+
+def read_report(action: ActionDir) -> RunnerReport | None | str:
+    """The runner's report from the action's root-only control directory: the report,
+    None if there is none, or a string saying why what is there cannot be believed."""
     try:
-        text = (action_dir / "runner.status").read_text()
-    except FileNotFoundError:
-        return None
-    fields = dict(line.split("=", 1) for line in text.splitlines() if "=" in line)
+        with (
+            opened(open_trusted_dir(action.sidecar_dir)) as sidecar_fd,
+            opened(open_dir_at(sidecar_fd, action.name)) as action_fd,
+            opened(open_dir_at(action_fd, CONTROL)) as control_fd,
+        ):
+            found = open_regular_file_at(control_fd, REPORT)
+            if found is None:
+                return None
+            fd, _ = found
+            with opened(fd):
+                data = os.read(fd, 4096)
+    except (LeavesTree, FileNotFoundError):
+        return "the action directory was replaced"
+    except OSError as error:
+        if error.errno == errno.ENOENT:
+            return None
+        raise
+    try:
+        report = parse_report(data.decode())
+    except UnicodeDecodeError:
+        report = None
+    return report if report is not None else "the report is malformed"
+
+
+def judge(report: RunnerReport | None | str, exec_exit: int | None, uid: int) -> RunOutcome:
+    """Turns the report into an outcome; anything doubtful is `lost` (the sidecar goes)."""
+    if report is None:
+        # No report: the runner itself was killed (OOM, a root action's kill -1, a dying
+        # container). Its exec's exit code is all there is.
+        return RunOutcome(kind="lost", code=exec_exit if exec_exit is not None else -1)
+    if isinstance(report, str):
+        return RunOutcome(kind="lost", code=-1, detail=report)
+    if exec_exit is not None and exec_exit != _runner_exit_code(report):
+        return RunOutcome(
+            kind="lost",
+            code=exec_exit,
+            detail=f"the runner's exit code {exec_exit} contradicts its report",
+        )
+    clean = report.survivors == 0 and report.scrubbed and uid != 0
+    if report.survivors:
+        log.warning("%d process(es) of uid %d outlived their action", report.survivors, uid)
     return RunOutcome(
-        kind=fields.get("outcome", "lost"),
-        code=int(fields.get("code", "0")),
-        strays_killed=int(fields.get("strays_killed", "0")),
-        oom_kills=max(int(fields.get("oom_kills", "0")), 0),
+        kind=report.outcome,
+        code=report.code,
+        strays_killed=report.strays_killed,
+        oom_kills=report.oom_kills,
+        clean=clean,
     )
 
 
 class SidecarRun:
-    """Starts the runner with a detached exec and waits for it, with cancel and a watchdog."""
+    """Starts the runner with a detached exec (as root: it drops to the action's user itself)
+    and waits for it, with cancel and a watchdog."""
 
     def __init__(
         self, runtime: ContainerRuntime, waiter: ExecWaiter, limiter: anyio.CapacityLimiter
@@ -73,30 +159,19 @@ class SidecarRun:
     async def run(
         self,
         sidecar: Sidecar,
-        action_dir: Path,
-        working_dir: Path,
-        argv: list[str],
+        action: ActionDir,
+        request: RunRequest,
         env: dict[str, str],
-        user: str,
         timeout_s: float,
         cancelled: asyncio.Event,
     ) -> RunOutcome:
         """Raises ContainerGone/ContainerNotRunning if the exec could not start (the caller may
         retry in another sidecar); otherwise returns how the action ended."""
-        runner_argv = [
-            RUNNER_IN_SIDECAR,
-            "run",
-            str(action_dir),
-            str(max(int(timeout_s * 1000), 1)),
-            str(working_dir),
-            "--",
-            *argv,
-        ]
         exec_id = await in_thread(
             self._limiter,
             self._runtime.start_exec,
             sidecar.container_id,
-            ExecSpec(runner_argv, env=env, user=user),
+            ExecSpec(request.runner_argv(), env=env, user="0:0"),
         )
         finished = asyncio.ensure_future(self._waiter.wait(exec_id))
         cancel = asyncio.ensure_future(cancelled.wait())
@@ -105,7 +180,7 @@ class SidecarRun:
                 {finished, cancel}, timeout=timeout_s + GRACE_S, return_when=asyncio.FIRST_COMPLETED
             )
             if cancel in done and finished not in done:
-                await self._cancel(sidecar, action_dir, user)
+                await self._cancel(sidecar, action)
                 done, _ = await asyncio.wait({finished}, timeout=GRACE_S)
         finally:
             cancel.cancel()
@@ -113,19 +188,17 @@ class SidecarRun:
                 finished.cancel()
         if finished not in done or finished.cancelled():
             log.warning("runner in sidecar %s did not end; giving the sidecar up", sidecar.short_id)
-            return RunOutcome(kind="lost", code=-1)
-        outcome = read_runner_status(action_dir)
-        if outcome is None:
-            # No report: the runner itself was killed (OOM, a root action's kill -1, a dying
-            # container). Its exec's exit code is all there is.
-            return RunOutcome(kind="lost", code=finished.result())
-        return outcome
+            if cancelled.is_set():
+                return RunOutcome(kind="cancelled", code=signal.SIGTERM, detail="runner lost")
+            return RunOutcome(kind="timeout", code=-1, detail="the runner did not end in time")
+        report = await anyio.to_thread.run_sync(read_report, action)
+        return judge(report, finished.result(), request.uid)
 
-    async def _cancel(self, sidecar: Sidecar, action_dir: Path, user: str) -> None:
+    async def _cancel(self, sidecar: Sidecar, action: ActionDir) -> None:
         with contextlib.suppress(ContainerRuntimeError):
             await in_thread(
                 self._limiter,
                 self._runtime.start_exec,
                 sidecar.container_id,
-                ExecSpec([RUNNER_IN_SIDECAR, "cancel", str(action_dir)], user=user),
+                ExecSpec(cancel_argv(action.control), user="0:0"),
             )

@@ -6,6 +6,7 @@ import logging
 import os
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import anyio
@@ -18,6 +19,7 @@ from worker.execution.executor import ActionExecutor
 from worker.execution.operations import OperationStore
 from worker.execution.service import ExecutionService
 from worker.execution.sidecar_run import SidecarRun
+from worker.handles import empty_dir, remove_tree
 from worker.pool.pools import SidecarPools
 from worker.runtime.docker import DockerRuntime
 from worker.runtime.exec_waiter import ExecWaiter
@@ -28,22 +30,40 @@ log = logging.getLogger(__name__)
 DEFAULT_RUNNER = Path(__file__).resolve().parents[2] / "sidecar" / "build" / "sidecar-runner"
 
 
-def prepare_exec_root(exec_root: Path, runner: Path) -> tuple[Path, Path]:
-    """Creates `actions/` (emptied, but never replaced: sidecars bind-mount that inode) and
-    `runner/` holding a read-only copy of the runner. Returns both."""
+@dataclass(frozen=True)
+class ExecRoot:
+    """The worker's directories under the exec root (only `sidecars/<name>` is ever mounted)."""
+
+    sidecars: Path
+    runner: Path
+    trash: Path
+
+
+def prepare_exec_root(exec_root: Path, runner: Path) -> ExecRoot:
+    """Creates `sidecars/` (one directory per sidecar), `runner/` holding a read-only copy of
+    the runner, and `trash/` (finished action directories waiting for removal). Whatever an
+    earlier run left in them is removed, at any depth, without following a symlink; the
+    sidecar directories themselves go once their containers are gone (SidecarPools)."""
     if not runner.is_file():
         raise FailedPrecondition(f"sidecar runner {runner} is missing; build it with `make`")
-    actions = exec_root / "actions"
-    runner_dir = exec_root / "runner"
-    actions.mkdir(parents=True, exist_ok=True)
-    runner_dir.mkdir(parents=True, exist_ok=True)
-    for leftover in actions.iterdir():
-        shutil.rmtree(leftover, ignore_errors=True)
-    staged = runner_dir / ".sidecar-runner.new"
+    exec_root.mkdir(parents=True, exist_ok=True)
+    os.chmod(exec_root, 0o755)
+    layout = ExecRoot(exec_root / "sidecars", exec_root / "runner", exec_root / "trash")
+    for directory, mode in (
+        (layout.sidecars, 0o711),
+        (layout.runner, 0o755),
+        (layout.trash, 0o700),
+    ):
+        directory.mkdir(exist_ok=True)
+        os.chmod(directory, mode)
+    empty_dir(layout.trash)
+    if (exec_root / "actions").exists():  # the layout before per-sidecar directories
+        remove_tree(exec_root / "actions")
+    staged = layout.runner / ".sidecar-runner.new"
     shutil.copyfile(runner, staged)
     os.chmod(staged, 0o555)
-    os.replace(staged, runner_dir / "sidecar-runner")
-    return actions, runner_dir
+    os.replace(staged, layout.runner / "sidecar-runner")
+    return layout
 
 
 class ExecutionSide:
@@ -58,7 +78,7 @@ class ExecutionSide:
         runtime: ContainerRuntime | None = None,
     ) -> None:
         execution = settings.execution
-        self.actions_dir, runner_dir = prepare_exec_root(
+        self.exec_root = prepare_exec_root(
             settings.exec_root, execution.runner_path or DEFAULT_RUNNER
         )
         self.runtime = runtime or DockerRuntime(
@@ -67,7 +87,12 @@ class ExecutionSide:
         self.limiter = anyio.CapacityLimiter(max(16, execution.max_concurrent_actions * 4))
         self.waiter = ExecWaiter(self.runtime)
         self.pools = SidecarPools(
-            self.runtime, execution, worker_name, self.actions_dir, runner_dir, self.limiter
+            self.runtime,
+            execution,
+            worker_name,
+            self.exec_root.sidecars,
+            self.exec_root.runner,
+            self.limiter,
         )
         self.executor = ActionExecutor(
             store,
@@ -75,7 +100,7 @@ class ExecutionSide:
             SidecarRun(self.runtime, self.waiter, self.limiter),
             execution,
             worker_name,
-            self.actions_dir,
+            self.exec_root.trash,
         )
         self.service = ExecutionService(
             self.executor,
@@ -109,6 +134,7 @@ class ExecutionSide:
 
     async def close(self) -> None:
         await self.service.close()
+        await self.executor.close()
         await self.pools.close()
         self.waiter.stop()
         self.runtime.close()

@@ -5,15 +5,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
+import uuid
 from pathlib import Path
 
 import anyio
 
 from worker.config import ExecutionSettings, PoolSettings
-from worker.execution.platform import ExecutionPlatform, image_reference
+from worker.execution.platform import ExecutionPlatform, image_reference, parse_user
+from worker.handles import empty_dir, remove_tree
 from worker.pool.images import ImageResolver
 from worker.pool.sidecar_pool import PoolKey, Sidecar, SidecarPool
+from worker.runner_contract import RUNNER_DIR_IN_SIDECAR, RUNNER_IN_SIDECAR
 from worker.runtime.protocol import (
     ContainerRuntime,
     ContainerRuntimeError,
@@ -26,21 +30,34 @@ log = logging.getLogger(__name__)
 
 WORKER_LABEL = "sidecar-executor.worker"
 IMAGE_LABEL = "sidecar-executor.image"
-RUNNER_DIR_IN_SIDECAR = "/.sidecar-executor"
-RUNNER_IN_SIDECAR = f"{RUNNER_DIR_IN_SIDECAR}/sidecar-runner"
+
+# What the runner, as root inside a sidecar of a non-root pool, needs: switch to the
+# action's user and drop every capability for it (SETUID, SETGID, SETPCAP), kill the
+# action's processes (KILL), and empty /tmp and friends and SysV IPC afterwards
+# (DAC_OVERRIDE, FOWNER, IPC_OWNER). The action itself keeps none of them.
+RUNNER_CAPABILITIES = ["SETUID", "SETGID", "SETPCAP", "KILL", "DAC_OVERRIDE", "FOWNER", "IPC_OWNER"]
+# Scratch places of a non-root sidecar, whose root filesystem is read-only; the runner
+# empties them (and /dev/shm, /dev/mqueue) after every action.
+SCRATCH_TMPFS = {"/tmp": "rw,nosuid,nodev,mode=1777", "/var/tmp": "rw,nosuid,nodev,mode=1777"}
 
 
 class SidecarPools:
-    """Creates sidecars with the runner mounted read-only and the actions directory shared at
-    the same path, keeps one SidecarPool per PoolKey, and removes every container labelled as
-    this worker's at startup and shutdown."""
+    """Creates sidecars, keeps one SidecarPool per PoolKey, and removes every container
+    labelled as this worker's at startup and shutdown.
+
+    Each sidecar mounts only its own directory, `SIDECARS_DIR/<name>`, at the same path
+    (on the CAS's filesystem, so inputs can be hard links), and the runner read-only. It
+    never runs privileged and always with no-new-privileges; a non-root pool's sidecars
+    keep only RUNNER_CAPABILITIES and a read-only root filesystem with tmpfs scratch
+    places, so nothing an action writes outside its directory outlives the runner's scrub.
+    """
 
     def __init__(
         self,
         runtime: ContainerRuntime,
         settings: ExecutionSettings,
         worker_name: str,
-        actions_dir: Path,
+        sidecars_dir: Path,
         runner_dir: Path,
         limiter: anyio.CapacityLimiter,
         maintain_interval_s: float = 5.0,
@@ -48,13 +65,15 @@ class SidecarPools:
         self._runtime = runtime
         self._settings = settings
         self._worker = worker_name
-        self._actions_dir = actions_dir
+        self._sidecars_dir = sidecars_dir
         self._runner_dir = runner_dir
         self._limiter = limiter
         self._maintain_interval_s = maintain_interval_s
         self.images = ImageResolver(runtime, limiter, settings.pull_timeout_s)
         self._pools: dict[PoolKey, SidecarPool] = {}
         self._maintainer: asyncio.Task[None] | None = None
+        # Sidecars whose container or directory could not be removed (daemon away): retried.
+        self._undestroyed: list[Sidecar] = []
 
     # --------------------------------------------------------------- lifecycle
 
@@ -63,10 +82,12 @@ class SidecarPools:
         for reference, settings in self._settings.image_pools.items():
             if settings.min_idle > 0:
                 try:
+                    uid, gid = parse_user(self._settings.default_user)
                     platform = ExecutionPlatform(
                         image=image_reference(reference),
                         network="none",
-                        user=self._settings.default_user,
+                        uid=uid,
+                        gid=gid,
                         reuse_sidecar=True,
                     )
                     self.pool_for(await self.key_for(platform), platform.image)
@@ -83,6 +104,8 @@ class SidecarPools:
             await in_thread(self._limiter, self._runtime.remove_container, container_id)
         if leftovers:
             log.info("removed %d sidecars left over from an earlier run", len(leftovers))
+        # Only now that no container of ours runs can their directories go.
+        await anyio.to_thread.run_sync(empty_dir, self._sidecars_dir)
 
     async def close(self) -> None:
         if self._maintainer is not None:
@@ -103,6 +126,9 @@ class SidecarPools:
                 log.exception("sidecar pool upkeep failed")
 
     async def maintain_all(self) -> None:
+        for sidecar in self._undestroyed[:]:
+            self._undestroyed.remove(sidecar)
+            await self.destroy(sidecar)
         for key, pool in list(self._pools.items()):
             await pool.maintain(self._is_alive)
             if pool.is_empty and pool.settings.min_idle == 0:
@@ -147,13 +173,14 @@ class SidecarPools:
 
     # ------------------------------------------------------- single sidecars
 
-    def spec_for(self, key: PoolKey) -> SidecarSpec:
+    def spec_for(self, key: PoolKey, directory: Path) -> SidecarSpec:
+        root = key.runs_as_root
         return SidecarSpec(
             image_id=key.image_id,
             entrypoint=[RUNNER_IN_SIDECAR],
             command=["keepalive"],
             mounts=[
-                Mount(str(self._actions_dir), str(self._actions_dir)),
+                Mount(str(directory), str(directory)),
                 Mount(str(self._runner_dir), RUNNER_DIR_IN_SIDECAR, read_only=True),
             ],
             labels={WORKER_LABEL: self._worker, IMAGE_LABEL: key.image_id},
@@ -161,18 +188,45 @@ class SidecarPools:
             cpus=key.cpus,
             memory_bytes=key.memory_bytes,
             pids_limit=key.pids_limit,
+            # A root action gets Docker's default capabilities in a sidecar used only once.
+            capabilities=None if root else RUNNER_CAPABILITIES,
+            read_only_root=not root,
+            tmpfs={} if root else SCRATCH_TMPFS,
         )
 
     async def create(self, key: PoolKey) -> Sidecar:
-        container_id = await in_thread(
-            self._limiter, self._runtime.create_sidecar, self.spec_for(key)
-        )
+        directory = self._sidecars_dir / uuid.uuid4().hex[:16]
+        os.mkdir(directory, 0o755)
+        try:
+            container_id = await in_thread(
+                self._limiter, self._runtime.create_sidecar, self.spec_for(key, directory)
+            )
+        except BaseException:
+            await anyio.to_thread.run_sync(remove_tree, directory)
+            raise
         now = time.monotonic()
         log.debug("created sidecar %s of %s", container_id[:12], key.image_id[:19])
-        return Sidecar(container_id=container_id, key=key, created_at=now, last_used=now)
+        return Sidecar(
+            container_id=container_id,
+            key=key,
+            created_at=now,
+            last_used=now,
+            directory=directory,
+        )
+
+    async def stop(self, sidecar: Sidecar) -> None:
+        """Removes the sidecar's container (so no process of its actions can run any more) but
+        keeps its directory, whose outputs are still to be collected. Raises
+        ContainerRuntimeError if the daemon could not do it."""
+        await in_thread(self._limiter, self._runtime.remove_container, sidecar.container_id)
 
     async def destroy(self, sidecar: Sidecar) -> None:
+        """Removes the container, then the sidecar's directory; what cannot be removed now
+        (the daemon is away) is retried by upkeep."""
         try:
             await in_thread(self._limiter, self._runtime.remove_container, sidecar.container_id)
-        except ContainerRuntimeError as error:
-            log.warning("could not remove sidecar %s: %s", sidecar.short_id, error)
+            if sidecar.directory is not None:
+                await anyio.to_thread.run_sync(remove_tree, sidecar.directory)
+        except (ContainerRuntimeError, OSError) as error:
+            log.warning("could not remove sidecar %s yet: %s", sidecar.short_id, error)
+            self._undestroyed.append(sidecar)

@@ -7,6 +7,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from worker.config import PoolSettings
@@ -25,6 +26,18 @@ class PoolKey:
     memory_bytes: int | None
     pids_limit: int | None
 
+    @property
+    def uid(self) -> int:
+        return int(self.user.partition(":")[0])
+
+    @property
+    def gid(self) -> int:
+        return int(self.user.partition(":")[2])
+
+    @property
+    def runs_as_root(self) -> bool:
+        return self.uid == 0
+
 
 @dataclass(eq=False)
 class Sidecar:
@@ -35,6 +48,8 @@ class Sidecar:
     actions_started: int = 0
     active: int = 0
     retired: bool = False
+    # The only host directory this sidecar mounts (at the same path); actions are staged here.
+    directory: Path | None = None
 
     @property
     def short_id(self) -> str:
@@ -59,6 +74,10 @@ class SidecarPool:
     A sidecar is retired (destroyed once idle) when it was used for
     `max_actions_per_sidecar` actions, is older than `max_age_s`, or was returned
     as not reusable (timeout, OOM kill, stray processes, lost keep-alive).
+
+    A pool of root sidecars runs one action per sidecar whatever the settings say: a
+    root action can change anything in its container, so its sidecar is never shared
+    or reused (the caller returns it as not reusable).
     """
 
     def __init__(
@@ -78,7 +97,12 @@ class SidecarPool:
         self._creating = 0
         self._changed = asyncio.Condition()
         self._background: set[asyncio.Task[None]] = set()
+        self._waiting = 0
         self.stats = PoolStats()
+
+    @property
+    def actions_per_sidecar(self) -> int:
+        return 1 if self.key.runs_as_root else self.settings.actions_per_sidecar
 
     @property
     def sidecars(self) -> list[Sidecar]:
@@ -86,8 +110,8 @@ class SidecarPool:
 
     @property
     def is_empty(self) -> bool:
-        """No sidecars and none being made (a lease only waits while sidecars exist)."""
-        return not self._sidecars and self._creating == 0
+        """No sidecars, none being made and no lease waiting: safe to forget."""
+        return not self._sidecars and self._creating == 0 and self._waiting == 0
 
     def _worn_out(self, sidecar: Sidecar) -> bool:
         return (
@@ -99,9 +123,7 @@ class SidecarPool:
         usable = [
             s
             for s in self._sidecars
-            if not s.retired
-            and s.active < self.settings.actions_per_sidecar
-            and not self._worn_out(s)
+            if not s.retired and s.active < self.actions_per_sidecar and not self._worn_out(s)
         ]
         if not usable:
             return None
@@ -117,11 +139,19 @@ class SidecarPool:
                     sidecar.actions_started += 1
                     self.stats.leases += 1
                     return sidecar
+                # Idle sidecars that may not serve again make room at once; waiting for
+                # upkeep to remove them would wait forever at max_sidecars.
+                for worn in [s for s in self._sidecars if s.active == 0 and self._worn_out(s)]:
+                    self._remove(worn)
                 if len(self._sidecars) + self._creating < self.settings.max_sidecars:
                     self._creating += 1
                     break
                 self.stats.waits += 1
-                await self._changed.wait()
+                self._waiting += 1
+                try:
+                    await self._changed.wait()
+                finally:
+                    self._waiting -= 1
         try:
             sidecar = await self._create(self.key)
         except BaseException:
@@ -140,14 +170,20 @@ class SidecarPool:
         return sidecar
 
     async def release(self, sidecar: Sidecar, reusable: bool) -> None:
+        """Returns a sidecar after an action; one that may not serve again is destroyed before
+        this returns (when no other action still runs in it)."""
         async with self._changed:
             sidecar.active -= 1
             sidecar.last_used = self._clock()
             if not reusable or self._worn_out(sidecar):
                 sidecar.retired = True
-            if sidecar.retired and sidecar.active == 0:
-                self._remove(sidecar)
+            destroy_now = sidecar.retired and sidecar.active == 0 and sidecar in self._sidecars
+            if destroy_now:
+                self._sidecars.remove(sidecar)
+                self.stats.destroyed += 1
             self._changed.notify_all()
+        if destroy_now:
+            await self._destroy(sidecar)
 
     def _remove(self, sidecar: Sidecar) -> None:
         """Drops a sidecar from the pool and destroys it in the background."""
@@ -157,6 +193,7 @@ class SidecarPool:
             task = asyncio.create_task(self._destroy(sidecar))
             self._background.add(task)
             task.add_done_callback(self._background.discard)
+            self._changed.notify_all()
 
     async def maintain(self, is_alive: Callable[[Sidecar], Awaitable[bool]]) -> None:
         """Sheds idle sidecars past idle_ttl_s (keeping min_idle), drops dead or worn-out idle

@@ -19,6 +19,7 @@ from worker.runtime.protocol import (
     ExecExitCallback,
     ExecSpec,
     ImageUnavailable,
+    RuntimeRejected,
     RuntimeUnavailable,
     SidecarSpec,
 )
@@ -49,7 +50,8 @@ _close_socket_on_failed_connect()
 
 @contextlib.contextmanager
 def _translated(what: str) -> Iterator[None]:
-    """Maps docker-py's errors to ours: 404 gone, 409 not running, the rest unavailable."""
+    """Maps docker-py's errors to ours: 404 gone, 409 not running, other 4xx rejected, the
+    rest (5xx, no answer) unavailable."""
     try:
         yield
     except docker.errors.NotFound as error:
@@ -57,6 +59,8 @@ def _translated(what: str) -> Iterator[None]:
     except docker.errors.APIError as error:
         if error.status_code == 409:
             raise ContainerNotRunning(f"{what}: {error.explanation or error}") from error
+        if error.status_code is not None and 400 <= error.status_code < 500:
+            raise RuntimeRejected(f"{what}: {error.explanation or error}") from error
         raise RuntimeUnavailable(f"{what}: {error.explanation or error}") from error
     except (requests.exceptions.RequestException, docker.errors.DockerException, OSError) as error:
         raise RuntimeUnavailable(f"{what}: Docker daemon unreachable ({error})") from error
@@ -128,6 +132,12 @@ class DockerRuntime:
             nano_cpus=int(spec.cpus * 1e9) if spec.cpus else None,
             mem_limit=spec.memory_bytes,
             pids_limit=spec.pids_limit,
+            privileged=False,
+            security_opt=["no-new-privileges"],
+            cap_drop=["ALL"] if spec.capabilities is not None else None,
+            cap_add=spec.capabilities or None,
+            read_only=spec.read_only_root,
+            tmpfs=spec.tmpfs or None,
         )
         with _translated(f"creating a sidecar of {spec.image_id}"):
             created = self._api.create_container(
@@ -155,6 +165,8 @@ class DockerRuntime:
                 self._api.remove_container(container_id, force=True, v=True)
         except ContainerGone:
             pass
+        except ContainerNotRunning:
+            pass  # 409: a removal of it is already in progress
 
     def is_running(self, container_id: str) -> bool:
         try:

@@ -27,6 +27,10 @@ class SidecarSpec:
     memory_bytes: int | None = None
     pids_limit: int | None = None
     name: str | None = None
+    # None keeps the runtime's default capability set; a list keeps only those.
+    capabilities: list[str] | None = None
+    read_only_root: bool = False
+    tmpfs: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -42,8 +46,10 @@ class ExecSpec:
 class ContainerRuntime(Protocol):
     """Blocking calls; the async callers run them in worker threads.
 
-    Errors: ContainerGone (404), ContainerNotRunning (409), ImageUnavailable,
-    RuntimeUnavailable (daemon unreachable or 5xx).
+    Errors: ContainerGone (404), ContainerNotRunning (409), RuntimeRejected (any other 4xx:
+    the request itself is wrong, retrying cannot help), ImageUnavailable,
+    RuntimeUnavailable (daemon unreachable or 5xx). Every sidecar runs with
+    no-new-privileges and never privileged.
     """
 
     def ping(self) -> None: ...
@@ -88,6 +94,10 @@ class ContainerGone(ContainerRuntimeError):
 
 class ContainerNotRunning(ContainerRuntimeError):
     """The container exists but is stopped."""
+
+
+class RuntimeRejected(ContainerRuntimeError):
+    """The daemon refused the request as invalid (a bad limit or mount, say)."""
 
 
 class ImageUnavailable(ContainerRuntimeError):

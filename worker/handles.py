@@ -1,0 +1,153 @@
+"""File access inside trees an action could have changed: directory handles, never a symlink.
+
+Every helper here works relative to an open directory descriptor and opens each path
+component with O_NOFOLLOW, so a name the action swapped for a symlink (or a rename in
+the middle of a walk) can never lead the worker, which runs as root, out of the tree.
+Nothing recurses on the Python stack, so a tree of any depth is handled.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import stat
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+
+
+class LeavesTree(Exception):
+    """A path component is a symlink or not a directory."""
+
+
+def open_dir_at(dir_fd: int, name: str) -> int:
+    """Opens the directory `name` in dir_fd; raises LeavesTree if it is a symlink or not a
+    directory, FileNotFoundError if it is absent."""
+    try:
+        return os.open(name, DIR_FLAGS, dir_fd=dir_fd)
+    except OSError as error:
+        if error.errno in (errno.ELOOP, errno.ENOTDIR):
+            raise LeavesTree(name) from None
+        raise
+
+
+def open_relative(root_fd: int, relative: str) -> int:
+    """Opens the directory at `relative` (already checked: no '.', '..' or empty parts)
+    below root_fd, one component at a time. "" opens root_fd again."""
+    fd = os.dup(root_fd)
+    for part in relative.split("/") if relative else ():
+        try:
+            child = open_dir_at(fd, part)
+        finally:
+            os.close(fd)
+        fd = child
+    return fd
+
+
+@contextlib.contextmanager
+def opened(fd: int) -> Iterator[int]:
+    try:
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def open_trusted_dir(path: Path) -> int:
+    """Opens a directory the worker alone controls (the exec root and sidecar directories
+    seen from the host), still refusing a symlink at the last component."""
+    return os.open(path, DIR_FLAGS)
+
+
+def open_regular_file_at(dir_fd: int, name: str) -> tuple[int, os.stat_result] | None:
+    """Opens `name` for reading if it is a regular file (checked on the open descriptor);
+    None if it is absent, a symlink or anything else."""
+    try:
+        fd = os.open(name, FILE_FLAGS, dir_fd=dir_fd)
+    except OSError as error:
+        if error.errno in (errno.ENOENT, errno.ELOOP, errno.ENXIO, errno.EISDIR):
+            return None
+        raise
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode):
+        os.close(fd)
+        return None
+    return fd, info
+
+
+def make_private_dir_at(parent_fd: int, name: str, mode: int = 0o700) -> int:
+    """Creates a new directory (failing if the name exists in any form) and opens it."""
+    os.mkdir(name, mode, dir_fd=parent_fd)
+    return open_dir_at(parent_fd, name)
+
+
+# How often a directory that keeps refilling is emptied again before removal gives up.
+_REMOVE_ATTEMPTS = 5
+
+
+def remove_tree_at(parent_fd: int, name: str) -> None:
+    """Removes parent/name, whatever it is and however deep, without following symlinks.
+
+    The tree is first moved into a fresh private directory beside it; then every
+    subdirectory found is moved up into that directory under a numbered name before its
+    parent is removed, so the walk needs no recursion and at most two open descriptors.
+    Raises OSError if something cannot be removed (a directory that keeps refilling).
+    """
+    scratch = f".removing-{uuid.uuid4().hex}"
+    scratch_fd = make_private_dir_at(parent_fd, scratch)
+    try:
+        try:
+            os.rename(name, "0", src_dir_fd=parent_fd, dst_dir_fd=scratch_fd)
+        except FileNotFoundError:
+            return
+        _empty_flattened(scratch_fd)
+    finally:
+        os.close(scratch_fd)
+        os.rmdir(scratch, dir_fd=parent_fd)
+
+
+def _empty_flattened(scratch_fd: int) -> None:
+    pending = [("0", 0)]
+    counter = 1
+    while pending:
+        current, attempts = pending.pop()
+        try:
+            fd = open_dir_at(scratch_fd, current)
+        except LeavesTree:
+            os.unlink(current, dir_fd=scratch_fd)
+            continue
+        with opened(fd):
+            with os.scandir(fd) as entries:
+                children = [(entry.name, entry.is_dir(follow_symlinks=False)) for entry in entries]
+            for child, is_dir in children:
+                if is_dir:
+                    moved = str(counter)
+                    counter += 1
+                    os.rename(child, moved, src_dir_fd=fd, dst_dir_fd=scratch_fd)
+                    pending.append((moved, 0))
+                else:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(child, dir_fd=fd)
+        try:
+            os.rmdir(current, dir_fd=scratch_fd)
+        except OSError as error:
+            if error.errno != errno.ENOTEMPTY or attempts + 1 >= _REMOVE_ATTEMPTS:
+                raise
+            pending.append((current, attempts + 1))
+
+
+def remove_tree(path: Path) -> None:
+    """remove_tree_at for a path whose parent the worker alone controls."""
+    with opened(open_trusted_dir(path.parent)) as parent_fd:
+        remove_tree_at(parent_fd, path.name)
+
+
+def empty_dir(path: Path) -> None:
+    """Removes everything inside a directory the worker alone controls, keeping the directory
+    itself (its inode may be bind-mounted)."""
+    with opened(open_trusted_dir(path)) as fd:
+        for name in os.listdir(fd):
+            remove_tree_at(fd, name)
