@@ -16,6 +16,7 @@ from worker.cas.disk_store import DiskBlobStore
 from worker.cas.uploads import UploadTracker
 from worker.config import Settings
 from worker.execution.wiring import ExecutionSide
+from worker.identity import claim_data_dir
 from worker.reapi import bs_grpc, bs_pb2, ops_grpc, ops_pb2, re_grpc, re_pb2
 from worker.server.action_cache import ActionCacheServicer
 from worker.server.bytestream import ByteStreamServicer
@@ -52,6 +53,14 @@ class Service:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.worker_name = settings.server.worker_name or socket.gethostname()
+        self.identity = claim_data_dir(settings.data_dir)
+        try:
+            self._build(settings)
+        except BaseException:
+            self.identity.release()
+            raise
+
+    def _build(self, settings: Settings) -> None:
         self.storage = open_storage(settings)
         max_message = settings.server.max_message_bytes
         self.server = grpc.aio.server(
@@ -65,7 +74,11 @@ class Service:
         self.execution: ExecutionSide | None = None
         if settings.execution.enabled:
             self.execution = ExecutionSide(
-                settings, self.worker_name, self.storage.blobs, self.storage.action_cache
+                settings,
+                self.worker_name,
+                self.identity.worker_id,
+                self.storage.blobs,
+                self.storage.action_cache,
             )
         self._add_servicers()
 
@@ -120,12 +133,19 @@ class Service:
         host = self.settings.server.listen.rpartition(":")[0]
         log.info("serving REAPI v2 on %s:%d (data in %s)", host, self.port, self.settings.data_dir)
 
-    async def stop(self, grace_s: float = 5.0) -> None:
+    async def stop(self, grace_s: float | None = None) -> None:
+        """Stops gracefully: health says NOT_SERVING, Execute is refused, queued actions end
+        UNAVAILABLE, running ones get `grace_s` (server.shutdown_grace_s) to finish and the
+        rest end UNAVAILABLE; then open streams get a moment to deliver, sidecars go."""
+        grace = self.settings.server.shutdown_grace_s if grace_s is None else grace_s
         await self._health.enter_graceful_shutdown()
         if self.execution is not None:
+            await self.execution.drain(grace)
+        await self.server.stop(min(grace, 5.0))
+        if self.execution is not None:
             await self.execution.close()
-        await self.server.stop(grace_s)
         self.storage.uploads.close()
+        self.identity.release()
 
     async def wait(self) -> None:
         await self.server.wait_for_termination()

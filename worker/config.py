@@ -25,6 +25,9 @@ class ServerSettings(Section):
     listen: str = Field("127.0.0.1:8980", description="HOST:PORT to serve on; loopback by default")
     max_message_bytes: int = Field(16 * MiB, ge=MiB)
     worker_name: str = Field("", description="ExecutedActionMetadata.worker; the hostname if empty")
+    shutdown_grace_s: float = Field(
+        30, ge=0, description="on SIGTERM, how long running actions may take to finish"
+    )
 
     @field_validator("listen")
     @classmethod
@@ -82,6 +85,12 @@ class ExecutionSettings(Section):
         [], description="platform properties to accept and ignore"
     )
     pull_timeout_s: float = Field(300, gt=0)
+    docker_timeout_s: float = Field(
+        60, gt=0, description="longest wait for any other Docker call; longer is UNAVAILABLE"
+    )
+    max_output_bytes: int = Field(
+        4 * GiB, ge=MiB, description="most bytes of outputs, stdout and stderr of one action"
+    )
     max_input_depth: int = Field(
         256, ge=1, description="deepest input tree accepted; deeper is INVALID_ARGUMENT"
     )

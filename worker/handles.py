@@ -78,12 +78,6 @@ def open_regular_file_at(dir_fd: int, name: str) -> tuple[int, os.stat_result] |
     return fd, info
 
 
-def make_private_dir_at(parent_fd: int, name: str, mode: int = 0o700) -> int:
-    """Creates a new directory (failing if the name exists in any form) and opens it."""
-    os.mkdir(name, mode, dir_fd=parent_fd)
-    return open_dir_at(parent_fd, name)
-
-
 # How often a directory that keeps refilling is emptied again before removal gives up.
 _REMOVE_ATTEMPTS = 5
 
@@ -91,48 +85,55 @@ _REMOVE_ATTEMPTS = 5
 def remove_tree_at(parent_fd: int, name: str) -> None:
     """Removes parent/name, whatever it is and however deep, without following symlinks.
 
-    The tree is first moved into a fresh private directory beside it; then every
-    subdirectory found is moved up into that directory under a numbered name before its
-    parent is removed, so the walk needs no recursion and at most two open descriptors.
-    Raises OSError if something cannot be removed (a directory that keeps refilling).
+    Every subdirectory found below the top directory is first moved up into the top one
+    under a fresh name, then emptied and removed, so the walk needs no recursion, at most
+    three open descriptors, and no new inode (it works on a full disk). Raises OSError if
+    something cannot be removed (a directory that keeps refilling, say).
     """
-    scratch = f".removing-{uuid.uuid4().hex}"
-    scratch_fd = make_private_dir_at(parent_fd, scratch)
     try:
-        try:
-            os.rename(name, "0", src_dir_fd=parent_fd, dst_dir_fd=scratch_fd)
-        except FileNotFoundError:
-            return
-        _empty_flattened(scratch_fd)
-    finally:
-        os.close(scratch_fd)
-        os.rmdir(scratch, dir_fd=parent_fd)
+        top_fd = open_dir_at(parent_fd, name)
+    except LeavesTree:
+        os.unlink(name, dir_fd=parent_fd)
+        return
+    except FileNotFoundError:
+        return
+    with opened(top_fd):
+        _empty_by_flattening(top_fd)
+    os.rmdir(name, dir_fd=parent_fd)
 
 
-def _empty_flattened(scratch_fd: int) -> None:
-    pending = [("0", 0)]
-    counter = 1
+def _empty_by_flattening(top_fd: int) -> None:
+    token = uuid.uuid4().hex[:12]
+    counter = 0
+    # Directories still to empty, by name in the top directory ("" is the top itself).
+    pending: list[tuple[str, int]] = [("", 0)]
     while pending:
         current, attempts = pending.pop()
         try:
-            fd = open_dir_at(scratch_fd, current)
+            fd = os.dup(top_fd) if not current else open_dir_at(top_fd, current)
         except LeavesTree:
-            os.unlink(current, dir_fd=scratch_fd)
+            os.unlink(current, dir_fd=top_fd)
+            continue
+        except FileNotFoundError:
             continue
         with opened(fd):
             with os.scandir(fd) as entries:
                 children = [(entry.name, entry.is_dir(follow_symlinks=False)) for entry in entries]
             for child, is_dir in children:
-                if is_dir:
-                    moved = str(counter)
+                if is_dir and not current:
+                    pending.append((child, 0))
+                elif is_dir:
+                    moved = f".rm-{token}-{counter}"
                     counter += 1
-                    os.rename(child, moved, src_dir_fd=fd, dst_dir_fd=scratch_fd)
+                    os.rename(child, moved, src_dir_fd=fd, dst_dir_fd=top_fd)
                     pending.append((moved, 0))
                 else:
                     with contextlib.suppress(FileNotFoundError):
                         os.unlink(child, dir_fd=fd)
+        if not current:
+            continue
         try:
-            os.rmdir(current, dir_fd=scratch_fd)
+            os.rmdir(current, dir_fd=top_fd)
         except OSError as error:
             if error.errno != errno.ENOTEMPTY or attempts + 1 >= _REMOVE_ATTEMPTS:
                 raise

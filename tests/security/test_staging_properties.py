@@ -31,7 +31,7 @@ from worker.execution.inputs import (
     load_input_tree,
     stage_action,
 )
-from worker.execution.outputs import OutputCollector, collect_stream
+from worker.execution.outputs import OutputBudget, OutputCollector, collect_stream
 from worker.handles import open_dir_at, open_trusted_dir, opened, remove_tree
 from worker.reapi import re_pb2
 from worker.runner_contract import ActionDir
@@ -217,9 +217,11 @@ def test_staging_and_collection_never_leave_the_action_directory(
             opened(open_dir_at(sidecar_fd, action.name)) as action_fd,
         ):
             with opened(open_dir_at(action_fd, "control")) as control_fd:
-                collect_stream(store, control_fd, "stdout")
+                collect_stream(store, control_fd, "stdout", OutputBudget(1 << 30))
             with opened(open_dir_at(action_fd, "root")) as root_fd:
-                OutputCollector(store, root_fd, workdir, max_depth=64).collect(command, result)
+                OutputCollector(
+                    store, root_fd, workdir, max_depth=64, budget=OutputBudget(1 << 30)
+                ).collect(command, result)
     except ServiceError:
         pass  # A refusal is a fine answer to tampering.
     assert snapshot(case, skip=sidecar_dir) == before

@@ -36,7 +36,7 @@ from worker.execution.inputs import (
     load_input_tree,
     stage_action,
 )
-from worker.execution.outputs import OutputCollector, collect_stream
+from worker.execution.outputs import OutputBudget, OutputCollector, collect_stream
 from worker.execution.platform import ExecutionPlatform, resolve_platform
 from worker.execution.sidecar_run import RunOutcome, SidecarRun
 from worker.handles import (
@@ -148,7 +148,9 @@ class ActionExecutor:
         response = re_pb2.ExecuteResponse()
         action: re_pb2.Action | None = None
         try:
-            action = load_message(self._store, action_digest, re_pb2.Action)
+            action = await anyio.to_thread.run_sync(
+                load_message, self._store, action_digest, re_pb2.Action
+            )
             await self._execute(action, metadata, cancelled, response)
         except Cancelled:
             raise
@@ -165,8 +167,8 @@ class ActionExecutor:
         cancelled: asyncio.Event,
         response: re_pb2.ExecuteResponse,
     ) -> None:
-        command = load_message(
-            self._store, Digest.from_proto(action.command_digest), re_pb2.Command
+        command = await anyio.to_thread.run_sync(
+            load_message, self._store, Digest.from_proto(action.command_digest), re_pb2.Command
         )
         if not command.arguments:
             raise InvalidArgument("the Command has no arguments")
@@ -337,6 +339,7 @@ class ActionExecutor:
     def _collect(
         self, command: re_pb2.Command, action: ActionDir, result: re_pb2.ActionResult
     ) -> None:
+        budget = OutputBudget(self._settings.max_output_bytes)
         try:
             with (
                 opened(open_trusted_dir(action.sidecar_dir)) as sidecar_fd,
@@ -344,10 +347,10 @@ class ActionExecutor:
             ):
                 with opened(open_dir_at(action_fd, CONTROL)) as control_fd:
                     result.stdout_digest.CopyFrom(
-                        collect_stream(self._store, control_fd, STDOUT).to_proto()
+                        collect_stream(self._store, control_fd, STDOUT, budget).to_proto()
                     )
                     result.stderr_digest.CopyFrom(
-                        collect_stream(self._store, control_fd, STDERR).to_proto()
+                        collect_stream(self._store, control_fd, STDERR, budget).to_proto()
                     )
                 with opened(open_dir_at(action_fd, INPUT_ROOT)) as root_fd:
                     OutputCollector(
@@ -355,6 +358,7 @@ class ActionExecutor:
                         root_fd,
                         command.working_directory,
                         self._settings.max_input_depth,
+                        budget,
                     ).collect(command, result)
         except (LeavesTree, FileNotFoundError) as error:
             raise FailedPrecondition(

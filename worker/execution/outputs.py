@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from worker.cas.disk_store import DiskBlobStore
 from worker.digests import EMPTY_DIGEST, Digest
-from worker.errors import FailedPrecondition
+from worker.errors import FailedPrecondition, ResourceExhausted
 from worker.execution.inputs import check_relative_path
 from worker.handles import (
     LeavesTree,
@@ -45,7 +45,26 @@ def _check_symlink_target(path: str, target: str) -> None:
         )
 
 
-def ingest_open_file(store: DiskBlobStore, dir_fd: int, name: str, what: str) -> Digest | None:
+class OutputBudget:
+    """The bytes one action may put into the CAS (execution.max_output_bytes), counted before
+    they are copied, so an action cannot fill the store with one huge output."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+
+    def charge(self, size: int, what: str) -> None:
+        self.used += size
+        if self.used > self.limit:
+            raise ResourceExhausted(
+                f"{what} takes the action's outputs past {self.limit} bytes "
+                "(execution.max_output_bytes); nothing more was stored"
+            )
+
+
+def ingest_open_file(
+    store: DiskBlobStore, dir_fd: int, name: str, what: str, budget: OutputBudget
+) -> Digest | None:
     """The digest of a regular file `name` in dir_fd, copied into the CAS; None if absent or
     not a regular file."""
     opened_file = open_regular_file_at(dir_fd, name)
@@ -55,6 +74,7 @@ def ingest_open_file(store: DiskBlobStore, dir_fd: int, name: str, what: str) ->
     with opened(fd):
         if info.st_size == 0:
             return EMPTY_DIGEST
+        budget.charge(info.st_size, what)
         return store.ingest_fd(fd, what)
 
 
@@ -72,9 +92,15 @@ class OutputCollector:
     """Reads the declared outputs below one action's working directory into an ActionResult."""
 
     def __init__(
-        self, store: DiskBlobStore, input_root_fd: int, working_directory: str, max_depth: int
+        self,
+        store: DiskBlobStore,
+        input_root_fd: int,
+        working_directory: str,
+        max_depth: int,
+        budget: OutputBudget,
     ) -> None:
         self._store = store
+        self._budget = budget
         self._root_fd = input_root_fd
         self._workdir = working_directory
         self._max_depth = max_depth
@@ -113,7 +139,9 @@ class OutputCollector:
             elif stat.S_ISREG(info.st_mode):
                 if expect == "directory":
                     raise FailedPrecondition(f"output directory {path!r} is a regular file")
-                digest = ingest_open_file(self._store, parent_fd, name, f"output {path}")
+                digest = ingest_open_file(
+                    self._store, parent_fd, name, f"output {path}", self._budget
+                )
                 if digest is None:
                     raise FailedPrecondition(f"output {path!r} changed while it was collected")
                 result.output_files.add(
@@ -258,7 +286,9 @@ class OutputCollector:
                     _check_symlink_target(f"{path}/…/{entry.name}", target)
                     frame.message.symlinks.add(name=entry.name, target=target)
                 elif stat.S_ISREG(info.st_mode):
-                    digest = ingest_open_file(self._store, fd, entry.name, f"output in {path}")
+                    digest = ingest_open_file(
+                        self._store, fd, entry.name, f"output in {path}", self._budget
+                    )
                     if digest is None:
                         raise FailedPrecondition(
                             f"output directory {path!r} changed while it was collected"
@@ -278,8 +308,10 @@ class OutputCollector:
         return frame
 
 
-def collect_stream(store: DiskBlobStore, control_fd: int, name: str) -> Digest:
+def collect_stream(
+    store: DiskBlobStore, control_fd: int, name: str, budget: OutputBudget
+) -> Digest:
     """stdout or stderr from the runner's root-only control directory; the empty digest if
     the runner never made it."""
-    digest = ingest_open_file(store, control_fd, name, name)
+    digest = ingest_open_file(store, control_fd, name, name, budget)
     return digest if digest is not None else EMPTY_DIGEST

@@ -82,6 +82,22 @@ class ExecutionService:
     def start(self) -> None:
         self._workers = [asyncio.create_task(self._work()) for _ in range(self._slots)]
 
+    async def drain(self, grace_s: float) -> None:
+        """The first half of a graceful stop: Execute is refused (UNAVAILABLE) from now on,
+        queued actions end with UNAVAILABLE at once (the client may retry them elsewhere), and
+        running ones get up to `grace_s` to finish; close() then ends whatever is left."""
+        self._closing = True
+        for _, _, state in self._queue:
+            if not state.done:
+                state.finish_with_status(SHUTDOWN_STATUS)
+                self._forget(state)
+        self._queue.clear()
+        deadline = asyncio.get_running_loop().time() + grace_s
+        while any(not s.done for s in self._in_flight.values()):
+            if asyncio.get_running_loop().time() >= deadline:
+                break
+            await asyncio.sleep(0.05)
+
     async def close(self) -> None:
         """Stops running and queued actions. Every operation that did not finish ends with
         UNAVAILABLE in its ExecuteResponse (the client may retry), with the metadata gathered

@@ -73,6 +73,7 @@ class ExecutionSide:
         self,
         settings: Settings,
         worker_name: str,
+        worker_id: str,
         store: DiskBlobStore,
         action_cache: DiskActionCache,
         runtime: ContainerRuntime | None = None,
@@ -82,13 +83,16 @@ class ExecutionSide:
             settings.exec_root, execution.runner_path or DEFAULT_RUNNER
         )
         self.runtime = runtime or DockerRuntime(
-            execution.docker_url, pull_timeout_s=execution.pull_timeout_s
+            execution.docker_url,
+            pull_timeout_s=execution.pull_timeout_s,
+            timeout_s=execution.docker_timeout_s,
         )
         self.limiter = anyio.CapacityLimiter(max(16, execution.max_concurrent_actions * 4))
         self.waiter = ExecWaiter(self.runtime)
         self.pools = SidecarPools(
             self.runtime,
             execution,
+            worker_id,
             worker_name,
             self.exec_root.sidecars,
             self.exec_root.runner,
@@ -131,6 +135,11 @@ class ExecutionSide:
                     ) from None
                 log.info("waiting for the Docker daemon: %s", error)
                 await anyio.sleep(1)
+
+    async def drain(self, grace_s: float) -> None:
+        """Lets running actions finish for up to grace_s; everything else ends UNAVAILABLE."""
+        await self.service.drain(grace_s)
+        await self.service.close()
 
     async def close(self) -> None:
         await self.service.close()

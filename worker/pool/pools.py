@@ -28,7 +28,10 @@ from worker.runtime.threads import in_thread
 
 log = logging.getLogger(__name__)
 
+# The worker's id (worker.identity): unique per data directory, so services sharing a daemon
+# never touch each other's sidecars. The name label is for people reading `docker ps`.
 WORKER_LABEL = "sidecar-executor.worker"
+NAME_LABEL = "sidecar-executor.worker-name"
 IMAGE_LABEL = "sidecar-executor.image"
 
 # What the runner, as root inside a sidecar of a non-root pool, needs: switch to the
@@ -43,7 +46,7 @@ SCRATCH_TMPFS = {"/tmp": "rw,nosuid,nodev,mode=1777", "/var/tmp": "rw,nosuid,nod
 
 class SidecarPools:
     """Creates sidecars, keeps one SidecarPool per PoolKey, and removes every container
-    labelled as this worker's at startup and shutdown.
+    labelled with this worker's id at startup and shutdown.
 
     Each sidecar mounts only its own directory, `SIDECARS_DIR/<name>`, at the same path
     (on the CAS's filesystem, so inputs can be hard links), and the runner read-only. It
@@ -56,6 +59,7 @@ class SidecarPools:
         self,
         runtime: ContainerRuntime,
         settings: ExecutionSettings,
+        worker_id: str,
         worker_name: str,
         sidecars_dir: Path,
         runner_dir: Path,
@@ -64,7 +68,8 @@ class SidecarPools:
     ) -> None:
         self._runtime = runtime
         self._settings = settings
-        self._worker = worker_name
+        self._worker = worker_id
+        self._worker_name = worker_name
         self._sidecars_dir = sidecars_dir
         self._runner_dir = runner_dir
         self._limiter = limiter
@@ -183,7 +188,11 @@ class SidecarPools:
                 Mount(str(directory), str(directory)),
                 Mount(str(self._runner_dir), RUNNER_DIR_IN_SIDECAR, read_only=True),
             ],
-            labels={WORKER_LABEL: self._worker, IMAGE_LABEL: key.image_id},
+            labels={
+                WORKER_LABEL: self._worker,
+                NAME_LABEL: self._worker_name,
+                IMAGE_LABEL: key.image_id,
+            },
             network=key.network,
             cpus=key.cpus,
             memory_bytes=key.memory_bytes,

@@ -70,12 +70,17 @@ class DockerRuntime:
     """Talks to one Docker daemon over its Engine API socket."""
 
     def __init__(
-        self, base_url: str = "unix:///var/run/docker.sock", pull_timeout_s: float = 300
+        self,
+        base_url: str = "unix:///var/run/docker.sock",
+        pull_timeout_s: float = 300,
+        timeout_s: float = 60,
     ) -> None:
         self._base_url = base_url
         with _translated("connecting to Docker"):
+            # Every call but a pull and the event stream is bounded by timeout_s: a hung
+            # daemon becomes UNAVAILABLE instead of a hung action.
             self._api = docker.APIClient(
-                base_url=base_url, version="auto", timeout=60, max_pool_size=64
+                base_url=base_url, version="auto", timeout=timeout_s, max_pool_size=64
             )
             self._pull_api = docker.APIClient(
                 base_url=base_url, version="auto", timeout=pull_timeout_s
