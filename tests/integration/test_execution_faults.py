@@ -58,7 +58,10 @@ def test_timeout_reports_deadline_exceeded_kills_the_tree_and_recycles_the_sidec
     response = run(exec_service.channel, spec)
     assert time.monotonic() - began < 15
     assert response.status.code == grpc.StatusCode.DEADLINE_EXCEEDED.value[0]
+    # "If the status code is DEADLINE_EXCEEDED ... the server SHOULD return partial outputs"
+    # (stdout so far); the exit code says the action was killed (128 + SIGKILL), never 0.
     assert stdout_of(exec_service.channel, response) == b"started\n"
+    assert response.result.exit_code == 137
     pool = only_pool(exec_service)
     assert pool.stats.destroyed == 1  # the timed-out sidecar is not reused
     after = run(exec_service.channel, sh("ps -o comm | grep -c sleep || true"))
