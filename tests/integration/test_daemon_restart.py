@@ -12,9 +12,11 @@ from pathlib import Path
 import grpc
 import pytest
 
-from tests.execution_client import ActionSpec, run, stdout_of
+from tests.execution_client import ActionSpec, execute, run, stdout_of, upload_action
 from tests.images import IMAGE_A
+from tests.reapi_client import bytestream_read, upload_batch
 from tests.serving import RunningService
+from worker.reapi import re_grpc, re_pb2
 
 pytestmark = pytest.mark.docker
 
@@ -33,7 +35,10 @@ def dockerd_pid() -> int | None:
 )
 def test_daemon_restart_gives_unavailable_then_recovers(exec_service: RunningService) -> None:
     spec = ActionSpec(argv=["echo", "hello"], action_platform={"container-image": IMAGE_A})
-    assert stdout_of(exec_service.channel, run(exec_service.channel, spec)) == b"hello\n"
+    first_action = upload_action(exec_service.channel, spec)
+    first = execute(exec_service.channel, first_action).response
+    assert stdout_of(exec_service.channel, first) == b"hello\n"
+    spec.salt = b"second"  # later runs are new actions, not cache hits
 
     pid = dockerd_pid()
     assert pid is not None
@@ -47,6 +52,14 @@ def test_daemon_restart_gives_unavailable_then_recovers(exec_service: RunningSer
         assert time.monotonic() - began < 30
         assert down.status.code == grpc.StatusCode.UNAVAILABLE.value[0], down.status
         assert "Docker" in down.status.message
+        # The CAS and the action cache do not need the daemon: they serve throughout.
+        blob = b"served while the daemon is away"
+        (digest,) = upload_batch(exec_service.channel, blob)
+        assert bytestream_read(exec_service.channel, digest) == blob
+        cached = re_grpc.ActionCacheStub(exec_service.channel).GetActionResult(
+            re_pb2.GetActionResultRequest(action_digest=first_action.to_proto())
+        )
+        assert cached.exit_code == 0
     finally:
         subprocess.run([str(ENSURE_DOCKERD)], check=True, timeout=120)
 

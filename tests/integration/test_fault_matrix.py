@@ -20,6 +20,7 @@ import pytest
 import yaml
 
 from tests.execution_client import (
+    ActionSpec,
     InputFile,
     execute,
     response_of,
@@ -44,7 +45,7 @@ UNAVAILABLE = grpc.StatusCode.UNAVAILABLE.value[0]
 RESOURCE_EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
 
 
-def sh(script: str, **fields: object) -> object:
+def sh(script: str, **fields: object) -> ActionSpec:
     return shell_action(script, IMAGE_A, **fields)
 
 
@@ -286,9 +287,9 @@ def limited(tmp_path: Path, test_images: None) -> Iterator[RunningService]:
 @pytest.mark.parametrize(
     ("script", "outputs"),
     [
-        ("head -c 2000000 /dev/zero | tr '\\0' x > big", ["big"]),
-        ("mkdir d; head -c 700000 /dev/zero > d/a; head -c 700000 /dev/zero > d/b", ["d"]),
-        ("head -c 2000000 /dev/zero | tr '\\0' y", []),
+        ("head -c 2000000 /dev/zero | tr '\\0' x > big; exit 3", ["big"]),
+        ("mkdir d; head -c 700000 /dev/zero > d/a; head -c 700000 /dev/zero > d/b; exit 3", ["d"]),
+        ("head -c 2000000 /dev/zero | tr '\\0' y; exit 3", []),
     ],
 )
 def test_outputs_above_the_limit_are_resource_exhausted_and_the_store_stays_consistent(
@@ -297,7 +298,7 @@ def test_outputs_above_the_limit_are_resource_exhausted_and_the_store_stays_cons
     response = run(limited.channel, sh(script, output_paths=outputs))
     assert response.status.code == RESOURCE_EXHAUSTED, response.status
     assert "max_output_bytes" in response.status.message
-    assert response.result.exit_code == 0  # the exit code survives the failed collection
+    assert response.result.exit_code == 3  # the exit code survives the failed collection
     assert_blobs_intact(limited.service.settings.data_dir)
     blobs = limited.service.settings.data_dir / "cas" / "blobs"
     assert all(p.stat().st_size < 1 << 20 for p in blobs.rglob("*") if p.is_file())
