@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
+import anyio
 import pytest
 
-from worker.config import PoolSettings
+from worker.config import PoolSettings, load_settings
+from worker.pool.pools import SidecarPools
 from worker.pool.sidecar_pool import PoolKey, Sidecar, SidecarPool
+from worker.runtime.fake import FakeContainerRuntime
 
 KEY = PoolKey("sha256:img", "65534:65534", "none", None, None, None)
 
@@ -158,3 +162,74 @@ async def test_pool_is_empty_only_without_sidecars_or_creations() -> None:
     clock.now += 11
     await pool.maintain(containers.is_alive)
     assert pool.is_empty
+
+
+@pytest.mark.anyio
+async def test_lease_at_max_sidecars_replaces_idle_sidecars_past_max_age() -> None:
+    """Every sidecar idle but too old: a lease must not wait for one to be returned (none
+    will be). Before 916c41e it did wait, and maintain() removed the old sidecars without
+    waking it, so it waited forever."""
+    pool, containers, clock = make_pool(max_sidecars=2, max_age_s=60)
+    first, second = await pool.lease(), await pool.lease()
+    await pool.release(first, reusable=True)
+    await pool.release(second, reusable=True)
+    clock.now += 61
+    waiter = asyncio.create_task(pool.lease())
+    await settle()
+    await pool.maintain(containers.is_alive)
+    fresh = await asyncio.wait_for(waiter, 1)
+    assert fresh not in (first, second)
+    await settle()
+    assert sorted(containers.destroyed) == ["c0", "c1"]
+    assert containers.created == ["c0", "c1", "c2"]
+
+
+@pytest.mark.anyio
+async def test_lease_does_not_wait_for_upkeep_to_remove_worn_out_sidecars() -> None:
+    """The lease itself makes room: no waiting for the next maintain() (seconds away)."""
+    pool, containers, clock = make_pool(max_sidecars=1, max_age_s=60)
+    old = await pool.lease()
+    await pool.release(old, reusable=True)
+    clock.now += 61
+    fresh = await asyncio.wait_for(pool.lease(), 1)
+    assert fresh is not old and pool.stats.waits == 0
+    await settle()
+    assert containers.destroyed == ["c0"]
+
+
+@pytest.mark.anyio
+async def test_pool_with_a_waiting_lease_is_not_dropped_as_empty(tmp_path: Path) -> None:
+    """A lease waits at max_sidecars; the sidecar it waits for is destroyed, and upkeep runs
+    before the waiter wakes: the pool has no sidecar then, but must not be forgotten, or the
+    waiter's new sidecar would live in a pool no one maintains, next to a second pool of the
+    same key that ignores its max_sidecars."""
+    runtime = FakeContainerRuntime()
+    image_id = runtime.add_image("sidecar-test/fake:1")
+    settings = load_settings(
+        data_dir=tmp_path, execution={"pool": {"max_sidecars": 1, "min_idle": 0}}
+    ).execution
+    sidecars = tmp_path / "sidecars"
+    sidecars.mkdir()
+    pools = SidecarPools(
+        runtime=runtime,
+        settings=settings,
+        worker_id="0" * 32,
+        worker_name="pool-test",
+        sidecars_dir=sidecars,
+        runner_dir=tmp_path / "runner",
+        limiter=anyio.CapacityLimiter(4),
+    )
+    key = PoolKey(image_id, "65534:65534", "none", None, None, None)
+    pool = pools.pool_for(key, "sidecar-test/fake:1")
+    held = await pool.lease()
+    waiter = asyncio.create_task(pool.lease())
+    await settle()
+    assert not waiter.done()
+    # The release wakes the waiter, and upkeep runs before it gets to run.
+    await asyncio.gather(pool.release(held, reusable=False), pools.maintain_all())
+    assert pools.pools == [pool]
+    fresh = await asyncio.wait_for(waiter, 1)
+    assert pools.pool_for(key, "sidecar-test/fake:1") is pool
+    assert pool.sidecars == [fresh]
+    await pools.close()
+    assert runtime.containers == {}

@@ -10,7 +10,10 @@ from collections import OrderedDict
 
 import anyio
 
-from worker.runtime.protocol import ContainerRuntime, ContainerRuntimeError
+from worker.runtime.protocol import ContainerGone, ContainerRuntime, ContainerRuntimeError
+
+# The exit code an exec reports when its container is removed under it (128 + SIGKILL).
+KILLED_WITH_CONTAINER = 137
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +86,12 @@ class ExecWaiter:
                 try:
                     return await asyncio.wait_for(asyncio.shield(future), self._poll_interval_s)
                 except TimeoutError:
-                    code = await anyio.to_thread.run_sync(self._runtime.exec_exit_code, exec_id)
+                    try:
+                        code = await anyio.to_thread.run_sync(self._runtime.exec_exit_code, exec_id)
+                    except ContainerGone:
+                        # The daemon forgets an exec with its container: it was killed with
+                        # it (the caller must not take this for an exec that never started).
+                        return KILLED_WITH_CONTAINER
                     if code is not None:
                         return code
         finally:
