@@ -30,7 +30,14 @@ from worker.runner_contract import (
     parse_report,
 )
 from worker.runtime.exec_waiter import ExecWaiter
-from worker.runtime.protocol import ContainerRuntime, ContainerRuntimeError, ExecSpec
+from worker.runtime.protocol import (
+    ContainerNotRunning,
+    ContainerRuntime,
+    ContainerRuntimeError,
+    ExecSpec,
+    RuntimeRejected,
+    RuntimeUnavailable,
+)
 from worker.runtime.threads import in_thread
 
 log = logging.getLogger(__name__)
@@ -167,12 +174,7 @@ class SidecarRun:
     ) -> RunOutcome:
         """Raises ContainerGone/ContainerNotRunning if the exec could not start (the caller may
         retry in another sidecar); otherwise returns how the action ended."""
-        exec_id = await in_thread(
-            self._limiter,
-            self._runtime.start_exec,
-            sidecar.container_id,
-            ExecSpec(request.runner_argv(), env=env, user="0:0"),
-        )
+        exec_id = await self._start(sidecar, ExecSpec(request.runner_argv(), env=env, user="0:0"))
         finished = asyncio.ensure_future(self._waiter.wait(exec_id))
         cancel = asyncio.ensure_future(cancelled.wait())
         try:
@@ -193,6 +195,28 @@ class SidecarRun:
             return RunOutcome(kind="timeout", code=-1, detail="the runner did not end in time")
         report = await anyio.to_thread.run_sync(read_report, action)
         return judge(report, finished.result(), request.uid)
+
+    async def _start(self, sidecar: Sidecar, spec: ExecSpec) -> str:
+        """Starts the exec. A sidecar that died as the exec started makes the daemon answer
+        with all sorts of 4xx and 5xx errors; if the container is not running afterwards,
+        that is ContainerNotRunning (the caller replaces the sidecar), not the daemon's fault
+        and not the action's."""
+        try:
+            return await in_thread(
+                self._limiter, self._runtime.start_exec, sidecar.container_id, spec
+            )
+        except (RuntimeRejected, RuntimeUnavailable) as error:
+            try:
+                running = await in_thread(
+                    self._limiter, self._runtime.is_running, sidecar.container_id
+                )
+            except ContainerRuntimeError:
+                raise error from None
+            if running:
+                raise
+            raise ContainerNotRunning(
+                f"sidecar {sidecar.short_id} stopped as the action started ({error})"
+            ) from error
 
     async def _cancel(self, sidecar: Sidecar, action: ActionDir) -> None:
         with contextlib.suppress(ContainerRuntimeError):
