@@ -73,6 +73,9 @@ class ExecutionSettings(Section):
         None, description="shared with the sidecars at the same path; default DATA_DIR/exec"
     )
     max_concurrent_actions: int = Field(4, ge=1)
+    max_sidecars_total: int = Field(
+        16, ge=1, description="sidecars of all pools together; idle ones of other pools make room"
+    )
     queue_size: int = Field(1000, ge=1, description="queued actions above this: RESOURCE_EXHAUSTED")
     default_timeout_s: float = Field(900, gt=0)
     max_timeout_s: float = Field(3600, gt=0)

@@ -63,8 +63,15 @@ def open_trusted_dir(path: Path) -> int:
 
 
 def open_regular_file_at(dir_fd: int, name: str) -> tuple[int, os.stat_result] | None:
-    """Opens `name` for reading if it is a regular file (checked on the open descriptor);
-    None if it is absent, a symlink or anything else."""
+    """Opens `name` for reading if it is a regular file; None if it is absent, a symlink or
+    anything else. It is checked before the open (opening a device or a FIFO can have
+    effects of its own) and again on the open descriptor (same inode, still regular)."""
+    try:
+        before = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return None
+    if not stat.S_ISREG(before.st_mode):
+        return None
     try:
         fd = os.open(name, FILE_FLAGS, dir_fd=dir_fd)
     except OSError as error:
@@ -72,7 +79,10 @@ def open_regular_file_at(dir_fd: int, name: str) -> tuple[int, os.stat_result] |
             return None
         raise
     info = os.fstat(fd)
-    if not stat.S_ISREG(info.st_mode):
+    if not stat.S_ISREG(info.st_mode) or (info.st_dev, info.st_ino) != (
+        before.st_dev,
+        before.st_ino,
+    ):
         os.close(fd)
         return None
     return fd, info

@@ -1,5 +1,6 @@
 """Test images built offline: busybox-static images A and B, a no-shell single-binary image, and
-a "hostile" busybox image with a setuid-root probe and an image user with extra groups."""
+a "hostile" busybox image with a setuid-root probe and an image user with extra groups, and a
+busybox image that declares a world-writable VOLUME."""
 
 from __future__ import annotations
 
@@ -18,7 +19,10 @@ IMAGE_A = "sidecar-test/busybox-a:1"
 IMAGE_B = "sidecar-test/busybox-b:1"
 NO_SHELL = "sidecar-test/noshell:1"
 HOSTILE = "sidecar-test/hostile:1"
+WITH_VOLUME = "sidecar-test/volume:1"
 
+# The world-writable VOLUME the volume image declares, shipped with one writable file.
+IMAGE_VOLUME = "/data"
 # The hostile image's user: in /etc/passwd with uid 1000, and a member of two more groups.
 IMAGE_USER = "builder"
 IMAGE_USER_UID = 1000
@@ -46,7 +50,7 @@ def _static_binary(source: str) -> bytes:
         return binary.read_bytes()
 
 
-def _busybox_rootfs(marker: str, hostile: bool = False) -> bytes:
+def _busybox_rootfs(marker: str, hostile: bool = False, volume: bool = False) -> bytes:
     """A root filesystem with static busybox, its applets, and /etc/image-name; the hostile
     one adds a setuid-root probe and an image user with supplementary groups."""
     applets = subprocess.run(
@@ -65,6 +69,9 @@ def _busybox_rootfs(marker: str, hostile: bool = False) -> bytes:
                 tar.addfile(link)
         _add(tar, "etc/image-name", f"{marker}\n".encode())
         _add(tar, f"etc/only-in-{marker}", b"yes\n")
+        if volume:
+            _add_dir(tar, IMAGE_VOLUME.lstrip("/"), 0o1777)
+            _add(tar, f"{IMAGE_VOLUME.lstrip('/')}/from-image", b"shipped\n", 0o666)
         if hostile:
             _add(tar, "bin/suid-probe", _static_binary("suid_probe.c"), 0o4755)
             _add(
@@ -85,10 +92,16 @@ def _no_shell_rootfs() -> bytes:
     return buffer.getvalue()
 
 
-def _import(client: docker.APIClient, reference: str, rootfs: bytes, env_path: str) -> None:
+def _import(
+    client: docker.APIClient,
+    reference: str,
+    rootfs: bytes,
+    env_path: str,
+    changes: tuple[str, ...] = (),
+) -> None:
     repository, tag = reference.rsplit(":", 1)
     client.import_image_from_data(
-        rootfs, repository=repository, tag=tag, changes=[f"ENV PATH={env_path}"]
+        rootfs, repository=repository, tag=tag, changes=[f"ENV PATH={env_path}", *changes]
     )
 
 
@@ -104,5 +117,13 @@ def ensure_test_images() -> None:
             _import(client, NO_SHELL, _no_shell_rootfs(), "/")
         if HOSTILE not in present:
             _import(client, HOSTILE, _busybox_rootfs("hostile", hostile=True), "/bin")
+        if WITH_VOLUME not in present:
+            _import(
+                client,
+                WITH_VOLUME,
+                _busybox_rootfs("volume", volume=True),
+                "/bin",
+                changes=(f"VOLUME {IMAGE_VOLUME}",),
+            )
     finally:
         client.close()

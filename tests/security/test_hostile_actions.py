@@ -7,21 +7,28 @@ canary) and the answers look like. docs/SECURITY.md lists which guarantee each o
 
 from __future__ import annotations
 
+import subprocess
 import threading
 import time
+from pathlib import Path
 
+import docker
 import grpc
 import pytest
 
-from tests.execution_client import InputFile, read_blob, run, stdout_of
+from tests.execution_client import InputFile, read_blob, run, shell_action, stdout_of
+from tests.images import HOSTILE, IMAGE_VOLUME, WITH_VOLUME
 from tests.security.conftest import (
+    HOSTILE_PLATFORM,
     ROOT_PLATFORM,
     Canary,
     assert_cas_intact,
+    attack_settings,
     hostile,
 )
-from tests.serving import RunningService
+from tests.serving import RunningService, running_service
 from worker.digests import Digest
+from worker.pool.pools import WORKER_LABEL
 from worker.pool.sidecar_pool import SidecarPool
 
 pytestmark = pytest.mark.docker
@@ -291,9 +298,99 @@ def test_the_image_users_supplementary_groups_are_given_as_docker_exec_gives_the
         hostile(
             "id -G",
             action_platform={
-                "container-image": "docker://sidecar-test/hostile:1",
+                "container-image": f"docker://{HOSTILE}",
                 "dockerUser": "1000",
             },
         ),
     )
     assert sorted(stdout_of(attacked.channel, response).split()) == [b"1000", b"2000", b"2001"]
+
+
+def test_an_image_volume_carries_nothing_to_the_next_action(one_sidecar: RunningService) -> None:
+    """A VOLUME the image declares is a writable mount of its own that no scrub can reset to
+    the image's content: sidecars of such an image serve one action each."""
+    plant = run(
+        one_sidecar.channel,
+        shell_action(f"echo POISONED > {IMAGE_VOLUME}/from-image && echo planted", WITH_VOLUME),
+    )
+    assert stdout_of(one_sidecar.channel, plant) == b"planted\n"
+    look = run(one_sidecar.channel, shell_action(f"cat {IMAGE_VOLUME}/from-image", WITH_VOLUME))
+    assert stdout_of(one_sidecar.channel, look) == b"shipped\n"
+    assert pool_of(one_sidecar).stats.created == 2
+
+
+def test_a_root_action_cannot_make_device_nodes(root_allowed: RunningService) -> None:
+    """MKNOD is not among a root sidecar's capabilities: a device node in the action's
+    directory would be a device of the host, which shares that filesystem."""
+    response = run(
+        root_allowed.channel,
+        hostile(
+            "mknod null-clone c 1 3 && echo made; mknod disk b 253 0 && echo made; echo done",
+            action_platform=ROOT_PLATFORM,
+        ),
+    )
+    assert stdout_of(root_allowed.channel, response) == b"done\n"
+
+
+def test_files_an_action_leaves_are_out_of_reach_of_other_host_users(
+    attacked: RunningService,
+) -> None:
+    """A setgid copy of a program made by an action sits on the host's filesystem; no other
+    user of the host may reach it (the sidecars directory is root's alone)."""
+    sidecars = attacked.service.settings.exec_root / "sidecars"
+    started = threading.Event()
+    results: dict[str, object] = {}
+
+    def plant() -> None:
+        started.set()
+        results["response"] = run(
+            attacked.channel,
+            hostile("cp /bin/busybox ./sgid && chmod 2755 ./sgid && echo planted; sleep 4"),
+        )
+
+    thread = threading.Thread(target=plant)
+    thread.start()
+    started.wait()
+    deadline = time.monotonic() + 20
+    planted: list[Path] = []
+    while not planted and time.monotonic() < deadline:
+        planted = list(sidecars.glob("*/*/root/sgid"))
+        time.sleep(0.1)
+    assert planted, "the action did not run"
+    as_nobody = subprocess.run(
+        ["/bin/ls", "-l", str(planted[0])],
+        user=65534,
+        group=65534,
+        extra_groups=[],
+        capture_output=True,
+        text=True,
+    )
+    assert as_nobody.returncode != 0 and "Permission denied" in as_nobody.stderr
+    thread.join(30)
+
+
+def test_one_client_cannot_make_the_worker_hold_unbounded_sidecars(
+    tmp_path: Path, test_images: None
+) -> None:
+    """Every distinct user is a pool of its own; execution.max_sidecars_total bounds them all
+    together, idle sidecars of other pools making room."""
+    settings = attack_settings(tmp_path, max_sidecars_total=2)
+    with running_service(settings) as service:
+        execution = service.service.execution
+        assert execution is not None
+        for uid in range(2000, 2006):
+            response = run(
+                service.channel,
+                hostile("id -u", action_platform={**HOSTILE_PLATFORM, "dockerUser": str(uid)}),
+            )
+            assert stdout_of(service.channel, response) == f"{uid}\n".encode()
+            live = sum(len(pool.sidecars) for pool in execution.pools.pools)
+            assert live <= 2
+        client = docker.APIClient(version="auto")
+        try:
+            labelled = client.containers(
+                filters={"label": f"{WORKER_LABEL}={service.service.identity.worker_id}"}
+            )
+        finally:
+            client.close()
+        assert len(labelled) <= 2

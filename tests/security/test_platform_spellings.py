@@ -23,12 +23,14 @@ def resolve(properties: dict[str, str], allow_root: bool = False) -> ExecutionPl
     return resolve_platform(action, re_pb2.Command(), settings)
 
 
-@pytest.mark.parametrize("user", ["0", "00", "0:0", "000:5", "0:00", "0000000000", "00:65534"])
-def test_every_spelling_of_uid_zero_needs_allow_root(user: str) -> None:
+@pytest.mark.parametrize(
+    "user", ["0", "00", "0:0", "000:5", "0:00", "0000000000", "00:65534", "1000:0", "65534:000"]
+)
+def test_every_spelling_of_uid_or_gid_zero_needs_allow_root(user: str) -> None:
     with pytest.raises(PermissionDenied):
         resolve({"dockerUser": user})
     platform = resolve({"dockerUser": user}, allow_root=True)
-    assert platform.runs_as_root and platform.uid == 0
+    assert platform.runs_as_root and 0 in (platform.uid, platform.gid)
 
 
 @pytest.mark.parametrize(

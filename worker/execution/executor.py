@@ -248,7 +248,7 @@ class ActionExecutor:
                     metadata,
                     response,
                 )
-                reusable = outcome.sidecar_reusable
+                reusable = outcome.sidecar_reusable and not key.single_use
                 return outcome
             except (ContainerGone, ContainerNotRunning) as error:
                 log.warning("sidecar %s unusable (%s)", sidecar.short_id, error)

@@ -18,13 +18,31 @@ from worker.runner_contract import ActionDir
 
 
 class DirectoryCache:
-    """Parsed Directory messages by digest; input trees repeat across actions."""
+    """Parsed Directory messages by digest; input trees repeat across actions.
 
-    def __init__(self, store: DiskBlobStore, max_entries: int = 50_000) -> None:
+    Bounded by the serialized size of what it holds (a parsed message takes many times
+    that), and directories above `max_one_bytes` are never kept: a client must not be
+    able to fill the worker's memory with Directory blobs it uploads.
+    """
+
+    def __init__(
+        self,
+        store: DiskBlobStore,
+        max_entries: int = 50_000,
+        max_bytes: int = 8 << 20,
+        max_one_bytes: int = 256 << 10,
+    ) -> None:
         self._store = store
         self._max = max_entries
+        self._max_bytes = max_bytes
+        self._max_one_bytes = max_one_bytes
+        self._bytes = 0
         self._entries: OrderedDict[Digest, re_pb2.Directory] = OrderedDict()
         self._lock = threading.Lock()
+
+    @property
+    def held_bytes(self) -> int:
+        return self._bytes
 
     def get(self, digest: Digest) -> re_pb2.Directory:
         """Raises NotFound if the Directory blob is not stored, InvalidArgument if it is not one."""
@@ -38,10 +56,15 @@ class DirectoryCache:
             directory = re_pb2.Directory.FromString(data)
         except Exception as error:
             raise InvalidArgument(f"blob {digest} is not a Directory message") from error
+        if digest.size > self._max_one_bytes:
+            return directory
         with self._lock:
-            self._entries[digest] = directory
-            while len(self._entries) > self._max:
-                self._entries.popitem(last=False)
+            if digest not in self._entries:
+                self._entries[digest] = directory
+                self._bytes += digest.size
+            while len(self._entries) > self._max or self._bytes > self._max_bytes:
+                evicted, _ = self._entries.popitem(last=False)
+                self._bytes -= evicted.size
         return directory
 
 

@@ -28,6 +28,8 @@ from worker.reapi import re_pb2
 
 # As many symlinks as Linux follows in one lookup.
 MAX_SYMLINK_HOPS = 40
+# Path components walked to resolve one output symlink: bounds the work an action can ask for.
+MAX_RESOLVE_STEPS = 4096
 
 
 def _is_executable(mode: int) -> bool:
@@ -195,39 +197,49 @@ class OutputCollector:
 
     def _target_kind(self, link_parent: str, target: str) -> str | None:
         """What a relative symlink target names inside the input root, resolving further
-        symlinks by hand: "file", "directory", or None (absent, outside the root, a loop)."""
-        resolved: list[str] = link_parent.split("/") if link_parent else []
-        pending = target.split("/")
-        pending.reverse()
-        hops = 0
-        while pending:
-            part = pending.pop()
-            if part in ("", "."):
-                continue
-            if part == "..":
-                if not resolved:
+        symlinks by hand: "file", "directory", or None (absent, outside the root, a loop, or
+        more than MAX_RESOLVE_STEPS path components to walk). One open handle per level of
+        the resolved path, so each step costs a constant number of system calls."""
+        stack = [os.dup(self._root_fd)]
+        try:
+            for part in link_parent.split("/") if link_parent else ():
+                stack.append(open_dir_at(stack[-1], part))
+            pending = target.split("/")
+            pending.reverse()
+            hops = steps = 0
+            while pending:
+                steps += 1
+                if steps > MAX_RESOLVE_STEPS:
                     return None
-                resolved.pop()
-                continue
-            try:
-                with opened(open_relative(self._root_fd, "/".join(resolved))) as fd:
-                    info = os.stat(part, dir_fd=fd, follow_symlinks=False)
-                    if stat.S_ISLNK(info.st_mode):
-                        hops += 1
-                        inner = os.readlink(part, dir_fd=fd)
-                        if hops > MAX_SYMLINK_HOPS or inner.startswith("/"):
-                            return None
-                        pending.extend(reversed(inner.split("/")))
-                        continue
-            except (FileNotFoundError, LeavesTree):
-                return None
-            if stat.S_ISDIR(info.st_mode):
-                resolved.append(part)
-            elif stat.S_ISREG(info.st_mode) and not pending:
-                return "file"
-            else:
-                return None
-        return "directory"
+                part = pending.pop()
+                if part in ("", "."):
+                    continue
+                if part == "..":
+                    if len(stack) == 1:
+                        return None  # out of the input root
+                    os.close(stack.pop())
+                    continue
+                info = os.stat(part, dir_fd=stack[-1], follow_symlinks=False)
+                if stat.S_ISLNK(info.st_mode):
+                    hops += 1
+                    inner = os.readlink(part, dir_fd=stack[-1])
+                    if hops > MAX_SYMLINK_HOPS or inner.startswith("/"):
+                        return None
+                    pending.extend(reversed(inner.split("/")))
+                elif stat.S_ISDIR(info.st_mode):
+                    if len(stack) > self._max_depth:
+                        return None
+                    stack.append(open_dir_at(stack[-1], part))
+                elif stat.S_ISREG(info.st_mode) and not pending:
+                    return "file"
+                else:
+                    return None
+            return "directory"
+        except (FileNotFoundError, LeavesTree):
+            return None
+        finally:
+            for fd in stack:
+                os.close(fd)
 
     def _tree(self, parent_fd: int, name: str, path: str) -> Digest:
         """Stores the directory as a Tree and returns the Tree's digest. Depth-first without

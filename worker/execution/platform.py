@@ -58,7 +58,8 @@ class ExecutionPlatform:
 
     @property
     def runs_as_root(self) -> bool:
-        return self.uid == 0
+        """uid 0, or gid 0 (root's group owns much of an image and of the host)."""
+        return self.uid == 0 or self.gid == 0
 
 
 def merged_properties(action: re_pb2.Action, command: re_pb2.Command) -> dict[str, str]:
@@ -138,8 +139,10 @@ def resolve_platform(
     uid, gid = parse_user(properties.get(USER, settings.default_user))
     if RUN_AS_ROOT in properties and _flag(RUN_AS_ROOT, properties[RUN_AS_ROOT]):
         uid, gid = 0, 0
-    if uid == 0 and not settings.allow_root:
-        raise PermissionDenied("running actions as root is not allowed (execution.allow_root)")
+    if (uid == 0 or gid == 0) and not settings.allow_root:
+        raise PermissionDenied(
+            "running actions as root or with group 0 is not allowed (execution.allow_root)"
+        )
 
     reuse = _flag(REUSE, properties[REUSE]) if REUSE in properties else True
     return ExecutionPlatform(image=image, network=network, uid=uid, gid=gid, reuse_sidecar=reuse)

@@ -126,7 +126,9 @@ def read_report(action: ActionDir) -> RunnerReport | None | str:
     return report if report is not None else "the report is malformed"
 
 
-def judge(report: RunnerReport | None | str, exec_exit: int | None, uid: int) -> RunOutcome:
+def judge(
+    report: RunnerReport | None | str, exec_exit: int | None, uid: int, gid: int = 65534
+) -> RunOutcome:
     """Turns the report into an outcome; anything doubtful is `lost` (the sidecar goes)."""
     if report is None:
         # No report: the runner itself was killed (OOM, a root action's kill -1, a dying
@@ -140,7 +142,7 @@ def judge(report: RunnerReport | None | str, exec_exit: int | None, uid: int) ->
             code=exec_exit,
             detail=f"the runner's exit code {exec_exit} contradicts its report",
         )
-    clean = report.survivors == 0 and report.scrubbed and uid != 0
+    clean = report.survivors == 0 and report.scrubbed and uid != 0 and gid != 0
     if report.survivors:
         log.warning("%d process(es) of uid %d outlived their action", report.survivors, uid)
     return RunOutcome(
@@ -194,7 +196,7 @@ class SidecarRun:
                 return RunOutcome(kind="cancelled", code=signal.SIGTERM, detail="runner lost")
             return RunOutcome(kind="timeout", code=-1, detail="the runner did not end in time")
         report = await anyio.to_thread.run_sync(read_report, action)
-        return judge(report, finished.result(), request.uid)
+        return judge(report, finished.result(), request.uid, request.gid)
 
     async def _start(self, sidecar: Sidecar, spec: ExecSpec) -> str:
         """Starts the exec. A sidecar that died as the exec started makes the daemon answer

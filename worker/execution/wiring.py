@@ -49,8 +49,11 @@ def prepare_exec_root(exec_root: Path, runner: Path) -> ExecRoot:
     exec_root.mkdir(parents=True, exist_ok=True)
     os.chmod(exec_root, 0o755)
     layout = ExecRoot(exec_root / "sidecars", exec_root / "runner", exec_root / "trash")
+    # sidecars/ and trash/ are root's alone: what actions leave there (a setgid file, say) must
+    # be out of reach of every other user of the host. Sidecars bind-mount their own directory,
+    # so they never traverse this one.
     for directory, mode in (
-        (layout.sidecars, 0o711),
+        (layout.sidecars, 0o700),
         (layout.runner, 0o755),
         (layout.trash, 0o700),
     ):

@@ -13,6 +13,7 @@ from pathlib import Path
 import anyio
 
 from worker.config import ExecutionSettings, PoolSettings
+from worker.errors import FailedPrecondition, Unavailable
 from worker.execution.platform import ExecutionPlatform, image_reference, parse_user
 from worker.handles import empty_dir, remove_tree
 from worker.pool.images import ImageResolver
@@ -22,6 +23,7 @@ from worker.runtime.protocol import (
     ContainerRuntime,
     ContainerRuntimeError,
     Mount,
+    RuntimeUnavailable,
     SidecarSpec,
 )
 from worker.runtime.threads import in_thread
@@ -33,12 +35,29 @@ log = logging.getLogger(__name__)
 WORKER_LABEL = "sidecar-executor.worker"
 NAME_LABEL = "sidecar-executor.worker-name"
 IMAGE_LABEL = "sidecar-executor.image"
+# How long a new sidecar may wait for room under execution.max_sidecars_total.
+ROOM_WAIT_S = 300.0
 
 # What the runner, as root inside a sidecar of a non-root pool, needs: switch to the
 # action's user and drop every capability for it (SETUID, SETGID, SETPCAP), kill the
 # action's processes (KILL), and empty /tmp and friends and SysV IPC afterwards
 # (DAC_OVERRIDE, FOWNER, IPC_OWNER). The action itself keeps none of them.
 RUNNER_CAPABILITIES = ["SETUID", "SETGID", "SETPCAP", "KILL", "DAC_OVERRIDE", "FOWNER", "IPC_OWNER"]
+# A root action keeps Docker's default capabilities but for MKNOD (a device node in its
+# directory, which is on the host's filesystem, would be the host's device), SETFCAP (file
+# capabilities), NET_RAW and AUDIT_WRITE.
+ROOT_CAPABILITIES = [
+    "CHOWN",
+    "DAC_OVERRIDE",
+    "FSETID",
+    "FOWNER",
+    "SETGID",
+    "SETUID",
+    "SETPCAP",
+    "NET_BIND_SERVICE",
+    "SYS_CHROOT",
+    "KILL",
+]
 # Scratch places of a non-root sidecar, whose root filesystem is read-only; the runner
 # empties them (and /dev/shm, /dev/mqueue) after every action.
 SCRATCH_TMPFS = {"/tmp": "rw,nosuid,nodev,mode=1777", "/var/tmp": "rw,nosuid,nodev,mode=1777"}
@@ -79,6 +98,8 @@ class SidecarPools:
         self._maintainer: asyncio.Task[None] | None = None
         # Sidecars whose container or directory could not be removed (daemon away): retried.
         self._undestroyed: list[Sidecar] = []
+        # Containers of this worker that exist (created and not yet removed), all pools.
+        self._live = 0
 
     # --------------------------------------------------------------- lifecycle
 
@@ -155,6 +176,12 @@ class SidecarPools:
     async def key_for(self, platform: ExecutionPlatform) -> PoolKey:
         image_id = await self.images.resolve(platform.image)
         limits = self._pool_settings(platform.image)
+        try:
+            volumes = await in_thread(self._limiter, self._runtime.image_volumes, image_id)
+        except RuntimeUnavailable as error:
+            raise Unavailable(f"image {platform.image!r}: {error}") from None
+        except ContainerRuntimeError as error:
+            raise FailedPrecondition(f"image {platform.image!r}: {error}") from None
         return PoolKey(
             image_id=image_id,
             user=platform.user,
@@ -162,6 +189,7 @@ class SidecarPools:
             cpus=limits.cpus,
             memory_bytes=limits.memory_bytes,
             pids_limit=limits.pids_limit,
+            volumes=tuple(volumes),
         )
 
     def pool_for(self, key: PoolKey, image: str) -> SidecarPool:
@@ -197,13 +225,39 @@ class SidecarPools:
             cpus=key.cpus,
             memory_bytes=key.memory_bytes,
             pids_limit=key.pids_limit,
-            # A root action gets Docker's default capabilities in a sidecar used only once.
-            capabilities=None if root else RUNNER_CAPABILITIES,
+            capabilities=ROOT_CAPABILITIES if root else RUNNER_CAPABILITIES,
             read_only_root=not root,
             tmpfs={} if root else SCRATCH_TMPFS,
         )
 
+    async def _make_room(self) -> None:
+        """Waits until one more sidecar fits under max_sidecars_total, evicting the least
+        recently used idle sidecar of any pool meanwhile: one client naming many users or
+        images cannot make the worker hold unbounded containers."""
+        deadline = time.monotonic() + ROOM_WAIT_S
+        while self._live >= self._settings.max_sidecars_total:
+            idle = [(s.last_used, id(s), s, p) for p in self._pools.values() for s in p.idle()]
+            if idle:
+                _, _, victim, pool = min(idle)
+                await pool.evict(victim)
+                continue
+            if time.monotonic() >= deadline:
+                raise RuntimeUnavailable(
+                    f"all {self._settings.max_sidecars_total} sidecars of this worker are busy "
+                    "(execution.max_sidecars_total)"
+                )
+            await asyncio.sleep(0.05)
+        self._live += 1
+
     async def create(self, key: PoolKey) -> Sidecar:
+        await self._make_room()
+        try:
+            return await self._create(key)
+        except BaseException:
+            self._live -= 1
+            raise
+
+    async def _create(self, key: PoolKey) -> Sidecar:
         directory = self._sidecars_dir / uuid.uuid4().hex[:16]
         os.mkdir(directory, 0o755)
         try:
@@ -234,6 +288,9 @@ class SidecarPools:
         (the daemon is away) is retried by upkeep."""
         try:
             await in_thread(self._limiter, self._runtime.remove_container, sidecar.container_id)
+            if not sidecar.removed:
+                sidecar.removed = True
+                self._live -= 1
             if sidecar.directory is not None:
                 await anyio.to_thread.run_sync(remove_tree, sidecar.directory)
         except (ContainerRuntimeError, OSError) as error:

@@ -25,6 +25,9 @@ class PoolKey:
     cpus: float | None
     memory_bytes: int | None
     pids_limit: int | None
+    # The image's VOLUME paths: each sidecar gets writable volumes there that the runner's
+    # scrub cannot reset to the image's content, so such sidecars serve one action each.
+    volumes: tuple[str, ...] = ()
 
     @property
     def uid(self) -> int:
@@ -36,7 +39,14 @@ class PoolKey:
 
     @property
     def runs_as_root(self) -> bool:
-        return self.uid == 0
+        """Root's uid or group: such a sidecar is used once and gets copies of its inputs."""
+        return self.uid == 0 or self.gid == 0
+
+    @property
+    def single_use(self) -> bool:
+        """A sidecar of this key serves one action and is destroyed: nothing proves that
+        whatever an action changed in it is undone."""
+        return self.runs_as_root or bool(self.volumes)
 
 
 @dataclass(eq=False)
@@ -48,6 +58,7 @@ class Sidecar:
     actions_started: int = 0
     active: int = 0
     retired: bool = False
+    removed: bool = False  # its container is gone (counted out of the worker's total)
     # The only host directory this sidecar mounts (at the same path); actions are staged here.
     directory: Path | None = None
 
@@ -75,9 +86,9 @@ class SidecarPool:
     `max_actions_per_sidecar` actions, is older than `max_age_s`, or was returned
     as not reusable (timeout, OOM kill, stray processes, lost keep-alive).
 
-    A pool of root sidecars runs one action per sidecar whatever the settings say: a
-    root action can change anything in its container, so its sidecar is never shared
-    or reused (the caller returns it as not reusable).
+    A pool of single-use sidecars (root actions, images with VOLUMEs) runs one action
+    per sidecar whatever the settings say, and never reuses one: a root action can
+    change anything in its container, and a volume keeps what an action wrote there.
     """
 
     def __init__(
@@ -102,7 +113,7 @@ class SidecarPool:
 
     @property
     def actions_per_sidecar(self) -> int:
-        return 1 if self.key.runs_as_root else self.settings.actions_per_sidecar
+        return 1 if self.key.single_use else self.settings.actions_per_sidecar
 
     @property
     def sidecars(self) -> list[Sidecar]:
@@ -241,6 +252,21 @@ class SidecarPool:
                 self.stats.created += 1
                 self._sidecars.append(sidecar)
                 self._changed.notify_all()
+
+    def idle(self) -> list[Sidecar]:
+        return [s for s in self._sidecars if s.active == 0]
+
+    async def evict(self, sidecar: Sidecar) -> bool:
+        """Destroys an idle sidecar to make room for another pool's; False if it was leased
+        or removed meanwhile."""
+        async with self._changed:
+            if sidecar not in self._sidecars or sidecar.active:
+                return False
+            self._sidecars.remove(sidecar)
+            self.stats.destroyed += 1
+            self._changed.notify_all()
+        await self._destroy(sidecar)
+        return True
 
     async def close(self) -> None:
         async with self._changed:

@@ -106,6 +106,11 @@ class DockerRuntime:
         except ContainerGone:
             return None
 
+    def image_volumes(self, image_id: str) -> list[str]:
+        with _translated(f"inspecting image {image_id[:19]}"):
+            config = self._api.inspect_image(image_id).get("Config") or {}
+        return sorted(config.get("Volumes") or {})
+
     def pull_image(self, reference: str) -> str:
         repository, tag = _split_reference(reference)
         try:

@@ -104,6 +104,8 @@ class FakeContainerRuntime:
     ) -> None:
         self.images: dict[str, str] = dict(images or {})
         self.pullable: dict[str, str] = dict(pullable or {})
+        # VOLUME paths an image declares, by image ID (tests set them).
+        self.volumes: dict[str, list[str]] = {}
         self.calls: Counter[str] = Counter()
         self.started: list[list[str]] = []
         self._containers: dict[str, FakeContainer] = {}
@@ -188,6 +190,11 @@ class FakeContainerRuntime:
                 return reference
             return self.images.get(reference)
 
+    def image_volumes(self, image_id: str) -> list[str]:
+        self._enter("image_volumes")
+        with self._lock:
+            return sorted(self.volumes.get(image_id, []))
+
     def pull_image(self, reference: str) -> str:
         self._enter("pull_image")
         with self._lock:
@@ -206,7 +213,9 @@ class FakeContainerRuntime:
                 raise RuntimeRejected("Minimum memory limit allowed is 6MB")
             container_id = uuid.uuid4().hex + uuid.uuid4().hex
             self._containers[container_id] = FakeContainer(container_id, spec)
-            return container_id
+        for mount in spec.mounts:
+            _open_the_way(Path(mount.source))
+        return container_id
 
     def remove_container(self, container_id: str) -> None:
         self._enter("remove_container")
@@ -459,3 +468,13 @@ def _alive(pid: int) -> bool:
             return stat.read().rpartition(")")[2].split()[0] != "Z"
     except OSError:
         return False
+
+
+def _open_the_way(source: Path) -> None:
+    """A bind mount makes its source reachable inside the container whatever the modes of its
+    parents on the host (the worker keeps EXEC_ROOT/sidecars root-only). The fake runs
+    actions on the host, so it lets every user traverse (not list) that one parent."""
+    parent = source.parent
+    mode = parent.stat().st_mode & 0o7777
+    if mode & 0o011 != 0o011:
+        os.chmod(parent, mode | 0o011)
