@@ -11,8 +11,11 @@ sidecar's directory stands for the rest of the host.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -112,42 +115,58 @@ def snapshot(root: Path, skip: Path) -> dict[str, tuple[int, int, int, bytes]]:
     return found
 
 
+# What a hostile action does to its tree, as a program of its own: run by setpriv as the
+# action's user (a fork of this process, which may hold gRPC threads from other tests, could
+# crash before it dropped to that user).
+TAMPER = """
+import json, os, shutil, sys
+from pathlib import Path
+root, sentinel, moves, names = Path(sys.argv[1]), Path(sys.argv[2]), json.loads(sys.argv[3]), "abc"
+for move, path, target in moves:
+    where = root / path
+    target = str(sentinel / "secret") if target == "ABS_SENTINEL" else target
+    try:
+        if move == "link":
+            if where.is_dir() and not where.is_symlink():
+                shutil.rmtree(where)
+            elif where.exists() or where.is_symlink():
+                where.unlink()
+            where.parent.mkdir(parents=True, exist_ok=True)
+            where.symlink_to(target)
+        elif move == "rename":
+            os.rename(where, root / names[len(path) % len(names)])
+        elif move == "plant":
+            where.parent.mkdir(parents=True, exist_ok=True)
+            where.write_bytes(b"planted")
+        elif not where.is_symlink():
+            os.chmod(where, 0)
+    except OSError:
+        pass  # the action's attempts may fail; what matters is what the worker does
+"""
+
+
 def play_hostile_action(root: Path, moves: list[tuple[str, str, str]], sentinel: Path) -> None:
-    """What an action could do to its tree before outputs are collected, done by a child
-    process that is the action's user, as the action would be."""
-    child = os.fork()
-    if child == 0:
-        try:
-            os.setgroups([])
-            os.setgid(ACTION_USER)
-            os.setuid(ACTION_USER)
-            _tamper(root, moves, sentinel)
-        finally:
-            os._exit(0)
-    os.waitpid(child, 0)
-
-
-def _tamper(root: Path, moves: list[tuple[str, str, str]], sentinel: Path) -> None:
-    for move, path, target in moves:
-        where = root / path
-        target = str(sentinel / "secret") if target == "ABS_SENTINEL" else target
-        try:
-            if move == "link":
-                if where.is_dir() and not where.is_symlink():
-                    shutil.rmtree(where)
-                elif where.exists() or where.is_symlink():
-                    where.unlink()
-                where.parent.mkdir(parents=True, exist_ok=True)
-                where.symlink_to(target)
-            elif move == "rename":
-                os.rename(where, root / NAMES[len(path) % len(NAMES)])
-            elif move == "plant":
-                where.parent.mkdir(parents=True, exist_ok=True)
-                where.write_bytes(b"planted")
-            elif not where.is_symlink():
-                os.chmod(where, 0)
-        except OSError:
-            pass  # The action's attempts may fail; what matters is what the worker does.
+    """What an action could do to its tree before outputs are collected, done by a process
+    that is the action's user, as the action would be."""
+    if not moves:
+        return
+    user = str(ACTION_USER)
+    subprocess.run(
+        [
+            "setpriv",
+            f"--reuid={user}",
+            f"--regid={user}",
+            "--clear-groups",
+            sys.executable,
+            "-c",
+            TAMPER,
+            str(root),
+            str(sentinel),
+            json.dumps(moves),
+        ],
+        check=True,
+        timeout=60,
+    )
 
 
 @pytest.fixture(scope="module")
