@@ -1,7 +1,7 @@
 /*
  * sidecar-runner: the only program of ours that runs inside a user's image.
  *
- * Static, no shell needed. Three modes (full contract in sidecar/README.md):
+ * Static, no shell needed. Four modes (full contract in sidecar/README.md):
  *
  *   sidecar-runner keepalive
  *       Sleeps until signalled: the sidecar's main process under docker-init.
@@ -15,6 +15,11 @@
  *   sidecar-runner cancel CONTROL_DIR
  *       Asks the runner of that action to kill it (SIGTERM to the runner).
  *
+ *   sidecar-runner agent AGENT_DIR
+ *       The sidecar's main process instead of keepalive: serves the worker on
+ *       AGENT_DIR/agent.sock and runs each requested action exactly as `run`
+ *       does, in a handler forked per connection, without a `docker exec` each.
+ *
  * Why a runner at all: `docker exec` cannot kill what it started, and processes
  * that call setsid() escape every process-group kill. The runner makes itself a
  * child subreaper, so every process the action leaves behind is re-parented to
@@ -27,8 +32,11 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <grp.h>
+#include <limits.h>
 #include <linux/capability.h>
+#include <poll.h>
 #include <signal.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -37,9 +45,12 @@
 #include <sys/prctl.h>
 #include <sys/sem.h>
 #include <sys/shm.h>
+#include <sys/signalfd.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/types.h>
+#include <sys/un.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
@@ -380,12 +391,148 @@ static int has_option(const char *options, const char *wanted) {
     return 0;
 }
 
-static int run_action(const char *control_dir, uid_t uid, gid_t gid, long long timeout_ms,
-                      const char *workdir, const char *options, char **argv) {
+/* ------------------------------------------------------------------ one action */
+
+/* One action, as `run` takes it from its argv and `agent` from a request. */
+struct action {
+    const char *control_dir;
+    uid_t uid;
+    gid_t gid;
+    long long timeout_ms; /* 0: none */
+    const char *workdir;
+    const char *options;
+    char **argv;
+    char **envp; /* the action's whole environment */
+};
+
+/* How the wait for the action's main process ended. */
+struct ending {
+    const char *outcome;
+    int code;
+};
+
+/* The forked child: becomes the action, or exits with run's set-up codes and a message in
+ * its stderr. `mask` is the signal mask the runner had before it blocked its own. */
+static _Noreturn void start_action(const struct action *a, int out, int err,
+                                   const sigset_t *mask) {
+    sigprocmask(SIG_SETMASK, mask, NULL);
+    /* An ignored signal stays ignored across exec; the agent ignores SIGPIPE, an action
+     * under `docker exec` never has it ignored. */
+    signal(SIGPIPE, SIG_DFL);
+    setsid();
+    int null_fd = open("/dev/null", O_RDONLY);
+    if (null_fd > 0) { /* 0 already if the runner had no stdin */
+        dup2(null_fd, 0);
+        close(null_fd); /* not one more open fd for the action */
+    }
+    dup2(out, 1);
+    dup2(err, 2);
+    close(control_fd);
+    if (become(a->uid, a->gid) != 0) {
+        dprintf(2, "sidecar-runner: cannot become %u:%u: %s\n", (unsigned)a->uid,
+                (unsigned)a->gid, strerror(errno));
+        _exit(EXIT_RUNNER_ERROR);
+    }
+    if (chdir(a->workdir) != 0) {
+        dprintf(2, "sidecar-runner: cannot enter working directory %s: %s\n", a->workdir,
+                strerror(errno));
+        _exit(EXIT_RUNNER_ERROR);
+    }
+    /* execvp searches the PATH of `environ`: the action's own, as Docker's exec does. */
+    environ = a->envp;
+    execvp(a->argv[0], a->argv);
+    int code = errno == ENOENT ? 127 : 126;
+    dprintf(2, "sidecar-runner: cannot execute %s: %s\n", a->argv[0], strerror(errno));
+    _exit(code);
+}
+
+/* Reaps every child that has ended; 1 once the action's main process is among them. */
+static int reap_children(pid_t main_pid, struct ending *end) {
+    int ended = 0, wstatus;
+    pid_t pid;
+    while ((pid = waitpid(-1, &wstatus, WNOHANG)) > 0) {
+        if (pid != main_pid) continue;
+        ended = 1;
+        if (WIFEXITED(wstatus)) {
+            *end = (struct ending){"exited", WEXITSTATUS(wstatus)};
+        } else {
+            *end = (struct ending){"signaled", WTERMSIG(wstatus)};
+        }
+    }
+    return ended;
+}
+
+/* The monotonic time at which a timeout of `timeout_ms` runs out; 0 for none (also for a
+ * timeout so long that the sum would overflow). */
+static long long deadline_after(long long timeout_ms) {
+    long long start = now_ms();
+    return timeout_ms > 0 && timeout_ms <= LLONG_MAX - start ? start + timeout_ms : 0;
+}
+
+/*
+ * Waits for whichever comes first: the action's main process ending (SIGCHLD), the
+ * deadline, a cancel signal (SIGTERM, SIGINT or SIGHUP, all read from `signal_fd`), or, in
+ * agent mode, the worker's end of the connection `hangup_fd` ending or sending anything
+ * (-1 in run mode: poll ignores a negative fd). A hang-up is a cancel by SIGTERM, so both
+ * kinds of cancel report and exit alike.
+ */
+static struct ending wait_for_action(pid_t child, long long deadline, int signal_fd,
+                                     int hangup_fd) {
+    struct ending end = {NULL, 0};
+    for (;;) {
+        int wait_ms = -1;
+        if (deadline) {
+            long long left = deadline - now_ms();
+            if (left <= 0) return (struct ending){"timeout", EXIT_TIMEOUT};
+            wait_ms = left > INT_MAX ? INT_MAX : (int)left;
+        }
+        struct pollfd fds[2] = {{signal_fd, POLLIN, 0}, {hangup_fd, POLLIN, 0}};
+        if (poll(fds, 2, wait_ms) < 0) continue; /* EINTR: the loop re-checks the deadline. */
+        if (fds[0].revents & POLLIN) {
+            struct signalfd_siginfo info;
+            if (read(signal_fd, &info, sizeof info) == (ssize_t)sizeof info) {
+                if (info.ssi_signo != SIGCHLD) {
+                    return (struct ending){"cancelled", (int)info.ssi_signo};
+                }
+                if (reap_children(child, &end)) return end;
+            }
+        }
+        if (fds[1].revents) return (struct ending){"cancelled", SIGTERM};
+    }
+}
+
+/* After the wait: kills and reaps everything the action left, then the optional steps,
+ * then the report. Returns the runner's exit code for that report. */
+static int finish_action(const struct action *a, pid_t child, struct ending end) {
+    struct report r = {end.outcome, end.code, 0, 0, 0};
+    r.strays = kill_everything(child);
+    if (r.strays < 0) {
+        r.outcome = "unclean";
+        r.strays = 0;
+    }
+    /* In a sidecar that runs one action at a time, no process of a non-root action's uid
+     * may outlive it, whatever it did to escape the subreaper. */
+    if (a->uid != 0 && has_option(a->options, "exclusive")) {
+        r.survivors = kill_matching(runs_as, (long)a->uid, 0);
+    }
+    r.scrubbed = has_option(a->options, "scrub") ? scrub() : 0;
+    write_report(&r);
+    if (strcmp(r.outcome, "exited") == 0) return end.code;
+    if (strcmp(r.outcome, "timeout") == 0) return EXIT_TIMEOUT;
+    if (strcmp(r.outcome, "unclean") == 0) return EXIT_RUNNER_ERROR;
+    return 128 + end.code;
+}
+
+/*
+ * Runs one action to its end (sidecar/README.md, `run`) and returns the runner's exit code.
+ * Both modes come here: `run` with its own environment and no hang-up fd (-1), the agent's
+ * handler with the request's environment and its connection to the worker.
+ */
+static int run_action(const struct action *a, int hangup_fd) {
     struct report r = {"runner_error", 0, 0, 0, 0};
-    control_fd = open(control_dir, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+    control_fd = open(a->control_dir, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
     if (control_fd < 0) {
-        fprintf(stderr, "sidecar-runner: cannot open %s: %s\n", control_dir, strerror(errno));
+        fprintf(stderr, "sidecar-runner: cannot open %s: %s\n", a->control_dir, strerror(errno));
         return EXIT_RUNNER_ERROR;
     }
     char pid_text[32];
@@ -401,6 +548,8 @@ static int run_action(const char *control_dir, uid_t uid, gid_t gid, long long t
         return EXIT_RUNNER_ERROR;
     }
 
+    /* Blocked before the fork and read from a signalfd, so that neither the child's end nor
+     * a cancel can slip in between the fork and the wait. */
     sigset_t handled, previous;
     sigemptyset(&handled);
     sigaddset(&handled, SIGCHLD);
@@ -408,6 +557,12 @@ static int run_action(const char *control_dir, uid_t uid, gid_t gid, long long t
     sigaddset(&handled, SIGINT);
     sigaddset(&handled, SIGHUP);
     sigprocmask(SIG_BLOCK, &handled, &previous);
+    int signal_fd = signalfd(-1, &handled, SFD_CLOEXEC);
+    if (signal_fd < 0) {
+        r.code = errno;
+        write_report(&r);
+        return EXIT_RUNNER_ERROR;
+    }
 
     pid_t child = fork();
     if (child < 0) {
@@ -415,87 +570,14 @@ static int run_action(const char *control_dir, uid_t uid, gid_t gid, long long t
         write_report(&r);
         return EXIT_RUNNER_ERROR;
     }
-    if (child == 0) {
-        sigprocmask(SIG_SETMASK, &previous, NULL);
-        setsid();
-        int null_fd = open("/dev/null", O_RDONLY);
-        if (null_fd >= 0) dup2(null_fd, 0);
-        dup2(out, 1);
-        dup2(err, 2);
-        close(control_fd);
-        if (become(uid, gid) != 0) {
-            dprintf(2, "sidecar-runner: cannot become %u:%u: %s\n", (unsigned)uid, (unsigned)gid,
-                    strerror(errno));
-            _exit(EXIT_RUNNER_ERROR);
-        }
-        if (chdir(workdir) != 0) {
-            dprintf(2, "sidecar-runner: cannot enter working directory %s: %s\n", workdir,
-                    strerror(errno));
-            _exit(EXIT_RUNNER_ERROR);
-        }
-        execvp(argv[0], argv);
-        int code = errno == ENOENT ? 127 : 126;
-        dprintf(2, "sidecar-runner: cannot execute %s: %s\n", argv[0], strerror(errno));
-        _exit(code);
-    }
+    if (child == 0) start_action(a, out, err, &previous);
     close(out);
     close(err);
 
-    long long deadline = timeout_ms > 0 ? now_ms() + timeout_ms : 0;
-    const char *outcome = NULL;
-    int code = 0;
-    while (!outcome) {
-        siginfo_t info;
-        int sig;
-        if (deadline) {
-            long long left = deadline - now_ms();
-            if (left <= 0) {
-                outcome = "timeout";
-                code = EXIT_TIMEOUT;
-                break;
-            }
-            struct timespec wait_for = {left / 1000, (left % 1000) * 1000000};
-            sig = sigtimedwait(&handled, &info, &wait_for);
-        } else {
-            sig = sigwaitinfo(&handled, &info);
-        }
-        if (sig < 0) continue; /* EAGAIN (deadline passed) or EINTR: loop re-checks. */
-        if (sig == SIGCHLD) {
-            int wstatus;
-            pid_t pid;
-            while ((pid = waitpid(-1, &wstatus, WNOHANG)) > 0) {
-                if (pid != child) continue;
-                if (WIFEXITED(wstatus)) {
-                    outcome = "exited";
-                    code = WEXITSTATUS(wstatus);
-                } else {
-                    outcome = "signaled";
-                    code = WTERMSIG(wstatus);
-                }
-            }
-        } else {
-            outcome = "cancelled";
-            code = sig;
-        }
-    }
-    r.outcome = outcome;
-    r.code = code;
-    r.strays = kill_everything(child);
-    if (r.strays < 0) {
-        r.outcome = "unclean";
-        r.strays = 0;
-    }
-    /* In a sidecar that runs one action at a time, no process of a non-root action's uid
-     * may outlive it, whatever it did to escape the subreaper. */
-    if (uid != 0 && has_option(options, "exclusive")) {
-        r.survivors = kill_matching(runs_as, (long)uid, 0);
-    }
-    r.scrubbed = has_option(options, "scrub") ? scrub() : 0;
-    write_report(&r);
-    if (strcmp(r.outcome, "exited") == 0) return code;
-    if (strcmp(r.outcome, "timeout") == 0) return EXIT_TIMEOUT;
-    if (strcmp(r.outcome, "unclean") == 0) return EXIT_RUNNER_ERROR;
-    return 128 + code;
+    long long deadline = deadline_after(a->timeout_ms);
+    struct ending end = wait_for_action(child, deadline, signal_fd, hangup_fd);
+    close(signal_fd);
+    return finish_action(a, child, end);
 }
 
 static int cancel_action(const char *control_dir) {
@@ -514,20 +596,344 @@ static int cancel_action(const char *control_dir) {
     return kill(pid, SIGTERM) == 0 ? 0 : 1;
 }
 
+/* A decimal number, digits only (no sign, no space), at most `max`. */
+static int parse_number(const char *text, unsigned long long max, unsigned long long *value) {
+    if (!text || !*text || strspn(text, "0123456789") != strlen(text)) return -1;
+    errno = 0;
+    *value = strtoull(text, NULL, 10);
+    return (errno || *value > max) ? -1 : 0;
+}
+
+static int parse_id(const char *text, unsigned long *value) {
+    unsigned long long number;
+    if (parse_number(text, 0x7fffffffULL, &number) != 0) return -1;
+    *value = (unsigned long)number;
+    return 0;
+}
+
+/* ------------------------------------------------------------------- the agent */
+
+#define AGENT_SECRET_MAX 64
+#define AGENT_REQUEST_MAX (1u << 20)
+/* A handler waits this long for a whole request, so a silent peer cannot hold it. */
+#define AGENT_REQUEST_DEADLINE_MS 5000
+#define AGENT_BACKLOG 64
+
+/* Sends all of `text`. MSG_NOSIGNAL: a worker that has gone must not end the handler. */
+static int send_text(int fd, const char *text) {
+    size_t len = strlen(text), sent = 0;
+    while (sent < len) {
+        ssize_t n = send(fd, text + sent, len - sent, MSG_NOSIGNAL);
+        if (n < 0 && errno == EINTR) continue;
+        if (n <= 0) return -1;
+        sent += (size_t)n;
+    }
+    return 0;
+}
+
+/* Reads exactly `len` bytes before `deadline`; NULL if it did, else why not. */
+static const char *read_exactly(int fd, char *buf, size_t len, long long deadline) {
+    size_t got = 0;
+    while (got < len) {
+        long long left = deadline - now_ms();
+        if (left <= 0) return "request timed out";
+        struct pollfd pfd = {fd, POLLIN, 0};
+        int ready = poll(&pfd, 1, (int)left);
+        if (ready < 0 && errno != EINTR) return "cannot read the request";
+        if (ready <= 0) continue;
+        ssize_t n = read(fd, buf + got, len - got);
+        if (n < 0 && errno == EINTR) continue;
+        if (n < 0) return "cannot read the request";
+        if (n == 0) return "truncated request";
+        got += (size_t)n;
+    }
+    return NULL;
+}
+
+/* The request's NUL-terminated fields, taken in order (the body is known to end in NUL). */
+struct fields {
+    char *next;
+    char *end;
+};
+
+static char *next_field(struct fields *f) {
+    if (f->next >= f->end) return NULL;
+    char *field = f->next;
+    f->next += strlen(field) + 1;
+    return field;
+}
+
+/* A count of the fields that follow it: digits, and no more than the bytes left (every
+ * field takes at least its NUL), which also bounds what is allocated for them. */
+static int parse_count(const char *text, const struct fields *f, size_t *count) {
+    unsigned long long value;
+    if (parse_number(text, (unsigned long long)(f->end - f->next), &value) != 0) return -1;
+    *count = (size_t)value;
+    return 0;
+}
+
+/* The next `count` fields as a NULL-terminated array pointing into the body. */
+static const char *take_fields(struct fields *f, size_t count, char ***list) {
+    *list = calloc(count + 1, sizeof **list);
+    if (!*list) return "out of memory";
+    for (size_t i = 0; i < count; i++) {
+        (*list)[i] = next_field(f);
+        if (!(*list)[i]) return "fewer fields than counted";
+    }
+    return NULL;
+}
+
+/* One variable of the environment being built: its text, where its name ends, its place. */
+struct env_entry {
+    char *text;
+    size_t name_len;
+    size_t place;
+};
+
+static int same_name(const struct env_entry *x, const struct env_entry *y) {
+    return x->name_len == y->name_len && memcmp(x->text, y->text, x->name_len) == 0;
+}
+
+/* By name, then by place, so that the entries of one name are together and in order. */
+static int compare_env_entries(const void *left, const void *right) {
+    const struct env_entry *x = left, *y = right;
+    size_t shorter = x->name_len < y->name_len ? x->name_len : y->name_len;
+    int order = memcmp(x->text, y->text, shorter);
+    if (order == 0 && x->name_len != y->name_len) order = x->name_len < y->name_len ? -1 : 1;
+    if (order == 0) order = x->place < y->place ? -1 : x->place > y->place;
+    return order;
+}
+
+/*
+ * The agent's environment (what Docker gave the container's main process) overlaid with
+ * the request's NAME=value entries, as `docker exec -e` builds an exec's: each name keeps
+ * the place of its first entry and takes the value of its last, and a new name is
+ * appended. Sorting finds the repeats in n log n, however many entries a request holds.
+ */
+static char **overlay_environment(char **entries, size_t count) {
+    size_t inherited = 0;
+    while (environ[inherited]) inherited++;
+    size_t total = inherited + count;
+    struct env_entry *sorted = calloc(total + 1, sizeof *sorted);
+    char **places = calloc(total + 1, sizeof *places);
+    if (!sorted || !places) {
+        free(sorted);
+        free(places);
+        return NULL;
+    }
+    for (size_t i = 0; i < total; i++) {
+        char *text = i < inherited ? environ[i] : entries[i - inherited];
+        sorted[i] = (struct env_entry){text, strcspn(text, "="), i};
+    }
+    qsort(sorted, total, sizeof *sorted, compare_env_entries);
+    for (size_t first = 0, last; first < total; first = last + 1) {
+        for (last = first; last + 1 < total && same_name(&sorted[last + 1], &sorted[first]);)
+            last++;
+        places[sorted[first].place] = sorted[last].text;
+    }
+    free(sorted);
+    size_t kept = 0;
+    for (size_t i = 0; i < total; i++) {
+        if (places[i]) places[kept++] = places[i];
+    }
+    places[kept] = NULL;
+    return places;
+}
+
+/* Parses a request body (README, `agent`, step 3) into `a`, which then points into the
+ * body; NULL if it is well formed, else why not. */
+static const char *parse_request(char *body, size_t len, struct action *a) {
+    if (body[len - 1] != '\0') return "the last field does not end with NUL";
+    struct fields f = {body, body + len};
+    const char *kind = next_field(&f);
+    if (strcmp(kind, "run") != 0) return "not a run request";
+    a->control_dir = next_field(&f);
+    const char *uid = next_field(&f);
+    const char *gid = next_field(&f);
+    const char *timeout = next_field(&f);
+    a->workdir = next_field(&f);
+    a->options = next_field(&f);
+    if (!a->options) return "missing fields";
+
+    unsigned long id;
+    unsigned long long ms;
+    if (parse_id(uid, &id) != 0) return "bad uid";
+    a->uid = (uid_t)id;
+    if (parse_id(gid, &id) != 0) return "bad gid";
+    a->gid = (gid_t)id;
+    if (parse_number(timeout, LLONG_MAX, &ms) != 0) return "bad timeout";
+    a->timeout_ms = (long long)ms;
+
+    size_t argc, envc;
+    char **entries;
+    const char *error;
+    if (parse_count(next_field(&f), &f, &argc) != 0 || argc == 0) return "bad argument count";
+    if ((error = take_fields(&f, argc, &a->argv)) != NULL) return error;
+    if (parse_count(next_field(&f), &f, &envc) != 0) return "bad environment count";
+    if ((error = take_fields(&f, envc, &entries)) != NULL) return error;
+    if (f.next != f.end) return "more fields than counted";
+    for (size_t i = 0; i < envc; i++) {
+        size_t name_len = strcspn(entries[i], "=");
+        if (name_len == 0 || entries[i][name_len] != '=') return "bad environment entry";
+    }
+    a->envp = overlay_environment(entries, envc);
+    return a->envp ? NULL : "out of memory";
+}
+
+/* Reads one request within the deadline; NULL if it is well formed, else why not. */
+static const char *read_request(int conn, struct action *a) {
+    long long deadline = now_ms() + AGENT_REQUEST_DEADLINE_MS;
+    unsigned char header[4];
+    const char *error = read_exactly(conn, (char *)header, sizeof header, deadline);
+    if (error) return error;
+    uint32_t len = (uint32_t)header[0] << 24 | (uint32_t)header[1] << 16 |
+                   (uint32_t)header[2] << 8 | (uint32_t)header[3];
+    if (len == 0 || len > AGENT_REQUEST_MAX) return "bad request length";
+    char *body = malloc(len); /* Kept: the action points into it until the handler ends. */
+    if (!body) return "out of memory";
+    error = read_exactly(conn, body, len, deadline);
+    return error ? error : parse_request(body, len, a);
+}
+
+/*
+ * Whether the peer is the worker: a process outside the container's PID namespace, whose
+ * pid the kernel shows here as 0. Every process of the sidecar, a root action included,
+ * has a real pid. `any_pidns` (--test-same-pidns) is for the unit tests alone, which run
+ * the agent on the host with no container; the worker never passes it.
+ */
+static int peer_is_worker(int conn, int any_pidns) {
+    struct ucred peer;
+    socklen_t len = sizeof peer;
+    if (getsockopt(conn, SOL_SOCKET, SO_PEERCRED, &peer, &len) != 0) return 0;
+    return peer.pid == 0 || any_pidns;
+}
+
+/* A handler: one connection, one action (README, `agent`, per connection). Returns its
+ * exit status, which nobody reads (the kernel reaps handlers). */
+static int serve_connection(int conn, const char *secret, int any_pidns) {
+    /* The agent lets the kernel reap its handlers; a handler waits for its action itself. */
+    signal(SIGCHLD, SIG_DFL);
+    if (!peer_is_worker(conn, any_pidns)) return 1;
+    char line[128];
+    snprintf(line, sizeof line, "sidecar-agent 1 %s\n", secret);
+    if (send_text(conn, line) != 0) return 1;
+    struct action a;
+    const char *error = read_request(conn, &a);
+    if (error) {
+        snprintf(line, sizeof line, "error %s\n", error);
+        send_text(conn, line);
+        return 2;
+    }
+    if (send_text(conn, "ack\n") != 0) return 1; /* Gone already: run nothing. */
+    snprintf(line, sizeof line, "done %d\n", run_action(&a, conn));
+    return send_text(conn, line) != 0;
+}
+
+/* Reads and removes the one-time secret the worker left in AGENT_DIR: 1 to 64 printable
+ * characters, one trailing newline allowed. -1 if there is none or it is not valid. */
+static int take_secret(const char *agent_dir, char secret[AGENT_SECRET_MAX + 1]) {
+    char path[PATH_MAX];
+    if (snprintf(path, sizeof path, "%s/secret", agent_dir) >= (int)sizeof path) return -1;
+    int fd = open(path, O_RDONLY | O_NOFOLLOW | O_CLOEXEC);
+    if (fd < 0) return -1;
+    char buf[AGENT_SECRET_MAX + 2]; /* the newline, and one more byte to see a longer one */
+    size_t len = 0;
+    while (len < sizeof buf) {
+        ssize_t n = read(fd, buf + len, sizeof buf - len);
+        if (n < 0 && errno == EINTR) continue;
+        if (n <= 0) break;
+        len += (size_t)n;
+    }
+    close(fd);
+    /* Gone before the socket exists: nothing in the sidecar, a root action included, may
+     * ever read it. */
+    if (unlink(path) != 0) return -1;
+    if (len > 0 && buf[len - 1] == '\n') len--;
+    if (len == 0 || len > AGENT_SECRET_MAX) return -1;
+    for (size_t i = 0; i < len; i++) {
+        if (buf[i] < 0x20 || buf[i] > 0x7e) return -1;
+    }
+    memcpy(secret, buf, len);
+    secret[len] = '\0';
+    return 0;
+}
+
+/* A listening socket at AGENT_DIR/agent.sock, root only (0600) from the start. */
+static int listen_on(const char *agent_dir) {
+    struct sockaddr_un addr;
+    memset(&addr, 0, sizeof addr);
+    addr.sun_family = AF_UNIX;
+    if (snprintf(addr.sun_path, sizeof addr.sun_path, "%s/agent.sock", agent_dir) >=
+        (int)sizeof addr.sun_path) {
+        errno = ENAMETOOLONG;
+        return -1;
+    }
+    int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (fd < 0) return -1;
+    unlink(addr.sun_path); /* One left by an earlier agent would make bind fail. */
+    /* umask 077 leaves no moment at which others could connect; it is put back because
+     * the actions inherit it. */
+    mode_t umask_before = umask(077);
+    int rc = bind(fd, (struct sockaddr *)&addr, sizeof addr);
+    umask(umask_before);
+    if (rc != 0 || chmod(addr.sun_path, 0600) != 0 || listen(fd, AGENT_BACKLOG) != 0) {
+        int saved = errno;
+        close(fd);
+        errno = saved;
+        return -1;
+    }
+    return fd;
+}
+
+/* The agent (README, `agent`): set-up, then one forked handler per connection, forever. */
+static int agent(const char *agent_dir, int any_pidns) {
+    /* First of all: no process of the sidecar may read the secret out of our memory, nor
+     * our environment. Handlers inherit this across fork. */
+    if (prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) != 0) {
+        fprintf(stderr, "sidecar-runner: cannot make the agent non-dumpable: %s\n",
+                strerror(errno));
+        return 1;
+    }
+    char secret[AGENT_SECRET_MAX + 1];
+    if (take_secret(agent_dir, secret) != 0) {
+        fprintf(stderr, "sidecar-runner: no valid secret in %s/secret\n", agent_dir);
+        return 2;
+    }
+    signal(SIGPIPE, SIG_IGN);
+    signal(SIGCHLD, SIG_IGN); /* The kernel reaps ended handlers: no zombies, no waiting. */
+    int listener = listen_on(agent_dir);
+    if (listener < 0) {
+        fprintf(stderr, "sidecar-runner: cannot listen on %s/agent.sock: %s\n", agent_dir,
+                strerror(errno));
+        return 1;
+    }
+    for (;;) {
+        int conn = accept4(listener, NULL, NULL, SOCK_CLOEXEC);
+        if (conn < 0) {
+            /* Out of fds or memory passes; the agent going would take the sidecar with it.
+             * A short pause keeps such a wait from spinning. */
+            if (errno != EINTR && errno != ECONNABORTED) {
+                struct timespec pause = {0, 10 * 1000 * 1000};
+                nanosleep(&pause, NULL);
+            }
+            continue;
+        }
+        /* A failed fork closes the connection: the worker sees no greeting. */
+        if (fork() == 0) {
+            close(listener);
+            _exit(serve_connection(conn, secret, any_pidns));
+        }
+        close(conn);
+    }
+}
+
 static int usage(void) {
     fprintf(stderr,
             "usage: sidecar-runner keepalive\n"
             "       sidecar-runner run CONTROL_DIR UID GID TIMEOUT_MS WORKDIR OPTIONS -- ARGV...\n"
-            "       sidecar-runner cancel CONTROL_DIR\n");
+            "       sidecar-runner cancel CONTROL_DIR\n"
+            "       sidecar-runner agent AGENT_DIR\n");
     return 2;
-}
-
-static int parse_id(const char *text, unsigned long *value) {
-    char *end;
-    if (!*text || strspn(text, "0123456789") != strlen(text)) return -1;
-    errno = 0;
-    *value = strtoul(text, &end, 10);
-    return (errno || *value > 0x7fffffffUL) ? -1 : 0;
 }
 
 int main(int argc, char **argv) {
@@ -541,7 +947,21 @@ int main(int argc, char **argv) {
         long long timeout_ms = strtoll(argv[5], &end, 10);
         if (*end != '\0' || timeout_ms < 0 || parse_id(argv[3], &uid) || parse_id(argv[4], &gid))
             return usage();
-        return run_action(argv[2], (uid_t)uid, (gid_t)gid, timeout_ms, argv[6], argv[7], &argv[9]);
+        struct action a = {.control_dir = argv[2],
+                           .uid = (uid_t)uid,
+                           .gid = (gid_t)gid,
+                           .timeout_ms = timeout_ms,
+                           .workdir = argv[6],
+                           .options = argv[7],
+                           .argv = &argv[9],
+                           .envp = environ};
+        return run_action(&a, -1);
     }
+    if (argc == 3 && strcmp(argv[1], "agent") == 0) return agent(argv[2], 0);
+    /* Test-only (tests/unit/test_sidecar_agent.py, no container): also serve peers of the
+     * agent's own PID namespace. A flag, not an environment variable, because the
+     * container's environment comes from the image; the worker never passes it. */
+    if (argc == 4 && strcmp(argv[1], "agent") == 0 && strcmp(argv[3], "--test-same-pidns") == 0)
+        return agent(argv[2], 1);
     return usage();
 }

@@ -35,8 +35,15 @@ def test_images() -> None:
     ensure_test_images()
 
 
+@pytest.fixture(params=["exec", "agent"])
+def dispatch(request: pytest.FixtureRequest) -> str:
+    """Both ways of starting actions (execution.pool.dispatch): every test that asks for it,
+    directly or through exec_settings, runs once with each."""
+    return str(request.param)
+
+
 @pytest.fixture
-def exec_settings(tmp_path: Path, test_images: None) -> Settings:
+def exec_settings(tmp_path: Path, test_images: None, dispatch: str) -> Settings:
     """A server with execution: small pools, short timeouts, test images allowed."""
     return load_settings(
         data_dir=tmp_path / "data",
@@ -47,7 +54,7 @@ def exec_settings(tmp_path: Path, test_images: None) -> Settings:
             "max_timeout_s": 120,
             "pull_timeout_s": 20,
             "allowed_images": ["sidecar-test/*", "registry.invalid/*"],
-            "pool": {"max_sidecars": 2},
+            "pool": {"max_sidecars": 2, "dispatch": dispatch},
         },
     )
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_settings import (
@@ -61,6 +61,11 @@ class PoolSettings(Section):
     cpus: float | None = Field(None, gt=0, description="CPU limit of each sidecar")
     memory_bytes: int | None = Field(None, ge=16 * MiB, description="memory limit of each sidecar")
     pids_limit: int | None = Field(4096, ge=16, description="process limit of each sidecar")
+    dispatch: Literal["exec", "agent"] = Field(
+        "exec",
+        description="how actions start: a `docker exec` of the runner each, or a request to "
+        "the agent that is the sidecar's main process",
+    )
 
 
 class ExecutionSettings(Section):

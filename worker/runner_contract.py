@@ -17,6 +17,12 @@ from pathlib import Path
 
 RUNNER_DIR_IN_SIDECAR = "/.sidecar-executor"
 RUNNER_IN_SIDECAR = f"{RUNNER_DIR_IN_SIDECAR}/sidecar-runner"
+# Dispatch `agent`: the agent's own root-only directory (socket, one-time secret).
+AGENT_DIR_IN_SIDECAR = "/.sidecar-agent"
+AGENT_SOCKET = "agent.sock"
+AGENT_SECRET = "secret"
+AGENT_PROTOCOL = "sidecar-agent 1"
+MAX_AGENT_REQUEST_BYTES = 1 << 20
 
 CONTROL = "control"
 INPUT_ROOT = "root"
@@ -74,10 +80,13 @@ class RunRequest:
     scrub: bool
     exclusive: bool
 
+    @property
+    def options(self) -> str:
+        """The OPTIONS field: `-` or a comma list of `scrub`, `exclusive`."""
+        chosen = [name for name, on in (("scrub", self.scrub), ("exclusive", self.exclusive)) if on]
+        return ",".join(chosen) or "-"
+
     def runner_argv(self) -> list[str]:
-        options = [
-            name for name, on in (("scrub", self.scrub), ("exclusive", self.exclusive)) if on
-        ]
         return [
             RUNNER_IN_SIDECAR,
             "run",
@@ -86,10 +95,29 @@ class RunRequest:
             str(self.gid),
             str(self.timeout_ms),
             str(self.working_dir),
-            ",".join(options) or "-",
+            self.options,
             "--",
             *self.argv,
         ]
+
+    def agent_message(self, env: dict[str, str]) -> bytes:
+        """The request as the agent reads it (sidecar/README.md): a 4-byte big-endian length,
+        then NUL-terminated fields."""
+        fields = [
+            "run",
+            str(self.control_dir),
+            str(self.uid),
+            str(self.gid),
+            str(self.timeout_ms),
+            str(self.working_dir),
+            self.options,
+            str(len(self.argv)),
+            *self.argv,
+            str(len(env)),
+            *(f"{name}={value}" for name, value in env.items()),
+        ]
+        body = b"".join(field.encode() + b"\0" for field in fields)
+        return len(body).to_bytes(4, "big") + body
 
 
 def cancel_argv(control_dir: Path) -> list[str]:

@@ -49,7 +49,13 @@ def sh(script: str, **fields: object) -> ActionSpec:
     return shell_action(script, IMAGE_A, **fields)
 
 
-def settings_for(data_dir: Path, name: str, **execution: object) -> Settings:
+def settings_for(
+    data_dir: Path,
+    name: str,
+    dispatch: str = "exec",
+    pool: dict[str, object] | None = None,
+    **execution: object,
+) -> Settings:
     return load_settings(
         data_dir=data_dir,
         server={"listen": "127.0.0.1:0", "worker_name": name},
@@ -57,7 +63,7 @@ def settings_for(data_dir: Path, name: str, **execution: object) -> Settings:
             "default_timeout_s": 60,
             "max_timeout_s": 120,
             "allowed_images": ["sidecar-test/*"],
-            "pool": {"max_sidecars": 2},
+            "pool": {"max_sidecars": 2, "dispatch": dispatch, **(pool or {})},
             **execution,
         },
     )
@@ -172,23 +178,23 @@ class ServiceProcess:
         self.process.stderr.close()
 
 
-def process_config(data_dir: Path, **execution: object) -> dict[str, object]:
+def process_config(data_dir: Path, dispatch: str, **execution: object) -> dict[str, object]:
     return {
         "data_dir": str(data_dir),
         "server": {"listen": "127.0.0.1:0", "worker_name": "proc", "shutdown_grace_s": 15},
         "execution": {
             "allowed_images": ["sidecar-test/*"],
             "default_timeout_s": 60,
-            "pool": {"max_sidecars": 2},
+            "pool": {"max_sidecars": 2, "dispatch": dispatch},
             **execution,
         },
     }
 
 
 def test_sigterm_lets_running_actions_finish_and_ends_queued_ones_unavailable(
-    tmp_path: Path, test_images: None
+    tmp_path: Path, test_images: None, dispatch: str
 ) -> None:
-    config = process_config(tmp_path / "d", max_concurrent_actions=1)
+    config = process_config(tmp_path / "d", dispatch, max_concurrent_actions=1)
     with service_process(config, tmp_path) as service:
         running = start_execute(
             service.channel, upload_action(service.channel, sh("sleep 3; echo finished"))
@@ -212,9 +218,9 @@ def test_sigterm_lets_running_actions_finish_and_ends_queued_ones_unavailable(
 
 
 def test_sigterm_grace_ends_actions_that_run_longer_unavailable(
-    tmp_path: Path, test_images: None
+    tmp_path: Path, test_images: None, dispatch: str
 ) -> None:
-    config = process_config(tmp_path / "d")
+    config = process_config(tmp_path / "d", dispatch)
     config["server"] = {"listen": "127.0.0.1:0", "shutdown_grace_s": 1}
     with service_process(config, tmp_path) as service:
         long = start_execute(service.channel, upload_action(service.channel, sh("sleep 60")))
@@ -229,10 +235,10 @@ def test_sigterm_grace_ends_actions_that_run_longer_unavailable(
 
 
 def test_sigkill_then_restart_removes_leftovers_and_keeps_the_cas(
-    tmp_path: Path, test_images: None
+    tmp_path: Path, test_images: None, dispatch: str
 ) -> None:
     data_dir = tmp_path / "d"
-    config = process_config(data_dir)
+    config = process_config(data_dir, dispatch)
     with service_process(config, tmp_path) as service:
         response = execute(
             service.channel,
@@ -273,10 +279,11 @@ def test_sigkill_then_restart_removes_leftovers_and_keeps_the_cas(
 
 
 @pytest.fixture
-def limited(tmp_path: Path, test_images: None) -> Iterator[RunningService]:
+def limited(tmp_path: Path, test_images: None, dispatch: str) -> Iterator[RunningService]:
     settings = settings_for(
         tmp_path / "d",
         "limited",
+        dispatch,
         max_output_bytes=1 << 20,
         pool={"max_sidecars": 1, "pids_limit": 64},
     )
@@ -342,9 +349,9 @@ def tiny_disk(tmp_path: Path) -> Iterator[Path]:
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")
 def test_disk_full_while_staging_and_while_collecting_is_resource_exhausted(
-    tiny_disk: Path, test_images: None
+    tiny_disk: Path, test_images: None, dispatch: str
 ) -> None:
-    settings = settings_for(tiny_disk / "d", "tiny", pool={"max_sidecars": 1})
+    settings = settings_for(tiny_disk / "d", "tiny", dispatch, pool={"max_sidecars": 1})
     with running_service(settings) as service:
         many = {f"f{i}": InputFile(b"") for i in range(1500)}  # more inodes than the disk has
         staged = run(service.channel, sh("true", files=many))

@@ -24,7 +24,9 @@ def hostile(script: str, **fields: object) -> ActionSpec:
     return shell_action(script, HOSTILE, **fields)
 
 
-def attack_settings(tmp_path: Path, **execution: object) -> Settings:
+def attack_settings(
+    tmp_path: Path, dispatch: str = "exec", max_sidecars: int = 2, **execution: object
+) -> Settings:
     return load_settings(
         data_dir=tmp_path / "data",
         server={"listen": "127.0.0.1:0", "worker_name": f"attack-{tmp_path.name}"},
@@ -32,30 +34,30 @@ def attack_settings(tmp_path: Path, **execution: object) -> Settings:
             "default_timeout_s": 60,
             "max_timeout_s": 120,
             "allowed_images": ["sidecar-test/*"],
-            "pool": {"max_sidecars": 2},
+            "pool": {"max_sidecars": max_sidecars, "dispatch": dispatch},
             **execution,
         },
     )
 
 
 @pytest.fixture
-def attacked(tmp_path: Path, test_images: None) -> Iterator[RunningService]:
+def attacked(tmp_path: Path, test_images: None, dispatch: str) -> Iterator[RunningService]:
     """The default configuration: actions as 65534, root refused."""
-    with running_service(attack_settings(tmp_path)) as service:
+    with running_service(attack_settings(tmp_path, dispatch)) as service:
         yield service
 
 
 @pytest.fixture
-def one_sidecar(tmp_path: Path, test_images: None) -> Iterator[RunningService]:
+def one_sidecar(tmp_path: Path, test_images: None, dispatch: str) -> Iterator[RunningService]:
     """Every action runs in the same sidecar, one after another."""
-    settings = attack_settings(tmp_path, pool={"max_sidecars": 1})
+    settings = attack_settings(tmp_path, dispatch, max_sidecars=1)
     with running_service(settings) as service:
         yield service
 
 
 @pytest.fixture
-def root_allowed(tmp_path: Path, test_images: None) -> Iterator[RunningService]:
-    with running_service(attack_settings(tmp_path, allow_root=True)) as service:
+def root_allowed(tmp_path: Path, test_images: None, dispatch: str) -> Iterator[RunningService]:
+    with running_service(attack_settings(tmp_path, dispatch, allow_root=True)) as service:
         yield service
 
 

@@ -62,9 +62,9 @@ def test_leftovers_of_any_depth_are_removed_at_start(
 
 
 def test_an_action_that_builds_deep_trees_is_cleaned_up_and_the_service_restarts(
-    tmp_path: Path, test_images: None, canary: Canary
+    tmp_path: Path, test_images: None, canary: Canary, dispatch: str
 ) -> None:
-    settings = attack_settings(tmp_path, pool={"max_sidecars": 1})
+    settings = attack_settings(tmp_path, dispatch, max_sidecars=1)
     with running_service(settings) as service:
         deep = run(service.channel, hostile(DEEP))
         assert stdout_of(service.channel, deep) == b"deep\n"

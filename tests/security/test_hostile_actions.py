@@ -372,11 +372,11 @@ def test_files_an_action_leaves_are_out_of_reach_of_other_host_users(
 
 
 def test_one_client_cannot_make_the_worker_hold_unbounded_sidecars(
-    tmp_path: Path, test_images: None
+    tmp_path: Path, test_images: None, dispatch: str
 ) -> None:
     """Every distinct user is a pool of its own; execution.max_sidecars_total bounds them all
     together, idle sidecars of other pools making room."""
-    settings = attack_settings(tmp_path, max_sidecars_total=2)
+    settings = attack_settings(tmp_path, dispatch, max_sidecars_total=2)
     with running_service(settings) as service:
         execution = service.service.execution
         assert execution is not None

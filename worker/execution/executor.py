@@ -29,6 +29,7 @@ from worker.errors import (
     raise_if_disk_full,
     to_status_proto,
 )
+from worker.execution.agent_run import AgentRun
 from worker.execution.inputs import (
     DirectoryCache,
     InputTree,
@@ -129,6 +130,7 @@ class ActionExecutor:
         self._store = store
         self._pools = pools
         self._sidecar_run = sidecar_run
+        self._agent_run = AgentRun()
         self._settings = settings
         self._worker = worker_name
         self._trash_dir = trash_dir
@@ -296,7 +298,8 @@ class ActionExecutor:
             exclusive=sharing == 1,
         )
         metadata.execution_start_timestamp.CopyFrom(now())
-        outcome = await self._sidecar_run.run(
+        dispatch = self._agent_run if sidecar.key.dispatch == "agent" else self._sidecar_run
+        outcome = await dispatch.run(
             sidecar, action, request, action_environment(command, action), timeout_s, cancelled
         )
         metadata.execution_completed_timestamp.CopyFrom(now())

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import secrets
 import time
 import uuid
 from pathlib import Path
@@ -14,12 +15,20 @@ import anyio
 
 from worker.config import ExecutionSettings, PoolSettings
 from worker.errors import FailedPrecondition, Unavailable
+from worker.execution.agent_run import connect_agent
 from worker.execution.platform import ExecutionPlatform, image_reference, parse_user
 from worker.handles import empty_dir, remove_tree
 from worker.pool.images import ImageResolver
 from worker.pool.sidecar_pool import PoolKey, Sidecar, SidecarPool
-from worker.runner_contract import RUNNER_DIR_IN_SIDECAR, RUNNER_IN_SIDECAR
+from worker.runner_contract import (
+    AGENT_DIR_IN_SIDECAR,
+    AGENT_SECRET,
+    AGENT_SOCKET,
+    RUNNER_DIR_IN_SIDECAR,
+    RUNNER_IN_SIDECAR,
+)
 from worker.runtime.protocol import (
+    ContainerNotRunning,
     ContainerRuntime,
     ContainerRuntimeError,
     Mount,
@@ -37,6 +46,8 @@ NAME_LABEL = "sidecar-executor.worker-name"
 IMAGE_LABEL = "sidecar-executor.image"
 # How long a new sidecar may wait for room under execution.max_sidecars_total.
 ROOM_WAIT_S = 300.0
+# How long a new sidecar's agent may take to listen.
+AGENT_START_S = 15.0
 
 # What the runner, as root inside a sidecar of a non-root pool, needs: switch to the
 # action's user and drop every capability for it (SETUID, SETGID, SETPCAP), kill the
@@ -90,6 +101,9 @@ class SidecarPools:
         self._worker = worker_id
         self._worker_name = worker_name
         self._sidecars_dir = sidecars_dir
+        # Dispatch `agent`: one root-only directory per sidecar for its agent's socket.
+        self._agents_dir = sidecars_dir.parent / "agents"
+        self._agents_dir.mkdir(mode=0o700, exist_ok=True)
         self._runner_dir = runner_dir
         self._limiter = limiter
         self._maintain_interval_s = maintain_interval_s
@@ -132,6 +146,7 @@ class SidecarPools:
             log.info("removed %d sidecars left over from an earlier run", len(leftovers))
         # Only now that no container of ours runs can their directories go.
         await anyio.to_thread.run_sync(empty_dir, self._sidecars_dir)
+        await anyio.to_thread.run_sync(empty_dir, self._agents_dir)
 
     async def close(self) -> None:
         if self._maintainer is not None:
@@ -190,6 +205,7 @@ class SidecarPools:
             memory_bytes=limits.memory_bytes,
             pids_limit=limits.pids_limit,
             volumes=tuple(volumes),
+            dispatch=limits.dispatch,
         )
 
     def pool_for(self, key: PoolKey, image: str) -> SidecarPool:
@@ -206,16 +222,21 @@ class SidecarPools:
 
     # ------------------------------------------------------- single sidecars
 
-    def spec_for(self, key: PoolKey, directory: Path) -> SidecarSpec:
+    def spec_for(self, key: PoolKey, directory: Path, agent_dir: Path | None = None) -> SidecarSpec:
         root = key.runs_as_root
+        mounts = [
+            Mount(str(directory), str(directory)),
+            Mount(str(self._runner_dir), RUNNER_DIR_IN_SIDECAR, read_only=True),
+        ]
+        command = ["keepalive"]
+        if agent_dir is not None:
+            mounts.append(Mount(str(agent_dir), AGENT_DIR_IN_SIDECAR))
+            command = ["agent", AGENT_DIR_IN_SIDECAR]
         return SidecarSpec(
             image_id=key.image_id,
             entrypoint=[RUNNER_IN_SIDECAR],
-            command=["keepalive"],
-            mounts=[
-                Mount(str(directory), str(directory)),
-                Mount(str(self._runner_dir), RUNNER_DIR_IN_SIDECAR, read_only=True),
-            ],
+            command=command,
+            mounts=mounts,
             labels={
                 WORKER_LABEL: self._worker,
                 NAME_LABEL: self._worker_name,
@@ -258,14 +279,34 @@ class SidecarPools:
             raise
 
     async def _create(self, key: PoolKey) -> Sidecar:
-        directory = self._sidecars_dir / uuid.uuid4().hex[:16]
+        name = uuid.uuid4().hex[:16]
+        directory = self._sidecars_dir / name
         os.mkdir(directory, 0o755)
+        agent_dir = self._agents_dir / name if key.dispatch == "agent" else None
+        secret = secrets.token_hex(16)
+        container_id: str | None = None
         try:
+            if agent_dir is not None:
+                os.mkdir(agent_dir, 0o700)
+                descriptor = os.open(
+                    agent_dir / AGENT_SECRET, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600
+                )
+                with os.fdopen(descriptor, "w") as file:
+                    file.write(secret)
             container_id = await in_thread(
-                self._limiter, self._runtime.create_sidecar, self.spec_for(key, directory)
+                self._limiter,
+                self._runtime.create_sidecar,
+                self.spec_for(key, directory, agent_dir),
             )
+            if agent_dir is not None:
+                await self._wait_for_agent(agent_dir / AGENT_SOCKET, secret)
         except BaseException:
+            if container_id is not None:
+                with contextlib.suppress(ContainerRuntimeError):
+                    await in_thread(self._limiter, self._runtime.remove_container, container_id)
             await anyio.to_thread.run_sync(remove_tree, directory)
+            if agent_dir is not None:
+                await anyio.to_thread.run_sync(remove_tree, agent_dir)
             raise
         now = time.monotonic()
         log.debug("created sidecar %s of %s", container_id[:12], key.image_id[:19])
@@ -275,7 +316,26 @@ class SidecarPools:
             created_at=now,
             last_used=now,
             directory=directory,
+            agent_socket=agent_dir / AGENT_SOCKET if agent_dir is not None else None,
+            agent_secret=secret,
         )
+
+    @staticmethod
+    async def _wait_for_agent(socket_path: Path, secret: str) -> None:
+        """Waits until a new sidecar's agent listens and proves who it is."""
+        deadline = time.monotonic() + AGENT_START_S
+        while True:
+            try:
+                _, writer = await connect_agent(socket_path, secret, deadline_s=1.0)
+            except ContainerNotRunning as error:
+                if time.monotonic() >= deadline:
+                    raise RuntimeUnavailable(
+                        f"the agent of a new sidecar did not start: {error}"
+                    ) from None
+                await asyncio.sleep(0.01)
+                continue
+            writer.close()
+            return
 
     async def stop(self, sidecar: Sidecar) -> None:
         """Removes the sidecar's container (so no process of its actions can run any more) but
@@ -293,6 +353,8 @@ class SidecarPools:
                 self._live -= 1
             if sidecar.directory is not None:
                 await anyio.to_thread.run_sync(remove_tree, sidecar.directory)
+            if sidecar.agent_socket is not None:
+                await anyio.to_thread.run_sync(remove_tree, sidecar.agent_socket.parent)
         except (ContainerRuntimeError, OSError) as error:
             log.warning("could not remove sidecar %s yet: %s", sidecar.short_id, error)
             self._undestroyed.append(sidecar)

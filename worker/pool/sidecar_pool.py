@@ -28,6 +28,7 @@ class PoolKey:
     # The image's VOLUME paths: each sidecar gets writable volumes there that the runner's
     # scrub cannot reset to the image's content, so such sidecars serve one action each.
     volumes: tuple[str, ...] = ()
+    dispatch: str = "exec"
 
     @property
     def uid(self) -> int:
@@ -61,6 +62,9 @@ class Sidecar:
     removed: bool = False  # its container is gone (counted out of the worker's total)
     # The only host directory this sidecar mounts (at the same path); actions are staged here.
     directory: Path | None = None
+    # Dispatch `agent`: the agent's socket on the host, and the secret it greets with.
+    agent_socket: Path | None = None
+    agent_secret: str = ""
 
     @property
     def short_id(self) -> str:

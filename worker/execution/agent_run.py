@@ -1,0 +1,148 @@
+"""Dispatch `agent`: runs one action through the agent that is the sidecar's main process.
+
+The worker talks to the agent over the unix socket in the sidecar's own root-only agent
+directory (sidecar/README.md): greeting with the one-time secret (proves the listener is the
+agent this worker started), request, `ack` at once, `done CODE` at the end. Hanging up the
+writing side cancels. The report is read from the control directory and judged exactly as
+for dispatch `exec`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+from pathlib import Path
+
+import anyio
+
+from worker.execution.sidecar_run import GRACE_S, RunOutcome, judge, read_report
+from worker.pool.sidecar_pool import Sidecar
+from worker.runner_contract import AGENT_PROTOCOL, ActionDir, RunRequest
+from worker.runtime.protocol import ContainerNotRunning
+
+log = logging.getLogger(__name__)
+
+# A live agent greets and acknowledges within microseconds; a stopped one (SIGSTOP) still has
+# its socket accept connections, so silence past this means the sidecar is given up.
+ACK_DEADLINE_S = 2.0
+
+
+async def connect_agent(
+    socket_path: Path, secret: str, deadline_s: float = ACK_DEADLINE_S
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A connection to the agent, once it has proved who it is; raises ContainerNotRunning
+    if nothing answers, or something that is not our agent does."""
+    try:
+        reader, writer = await asyncio.wait_for(_open(socket_path), deadline_s)
+    except (OSError, TimeoutError) as error:
+        raise ContainerNotRunning(f"the sidecar's agent does not answer ({error})") from None
+    try:
+        greeting = await asyncio.wait_for(reader.readline(), deadline_s)
+    except (OSError, TimeoutError) as error:
+        writer.close()
+        raise ContainerNotRunning(f"the sidecar's agent did not greet ({error})") from None
+    if greeting != f"{AGENT_PROTOCOL} {secret}\n".encode():
+        writer.close()
+        raise ContainerNotRunning("the sidecar's socket is not served by its agent")
+    return reader, writer
+
+
+async def _open(socket_path: Path) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """Connects through a handle on the socket's directory: a unix socket's path may be at
+    most 107 bytes, and a data directory can sit deeper than that leaves room for."""
+    directory = os.open(socket_path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(
+            sock, f"/proc/self/fd/{directory}/{socket_path.name}"
+        )
+    except BaseException:
+        sock.close()
+        raise
+    finally:
+        os.close(directory)
+    return await asyncio.open_unix_connection(sock=sock)
+
+
+class AgentRun:
+    """Runs an action through a sidecar's agent; the same contract as SidecarRun.run."""
+
+    async def run(
+        self,
+        sidecar: Sidecar,
+        action: ActionDir,
+        request: RunRequest,
+        env: dict[str, str],
+        timeout_s: float,
+        cancelled: asyncio.Event,
+    ) -> RunOutcome:
+        """Raises ContainerNotRunning if the agent cannot take the action (the caller may
+        retry in another sidecar); otherwise returns how the action ended."""
+        assert sidecar.agent_socket is not None
+        reader, writer = await connect_agent(sidecar.agent_socket, sidecar.agent_secret)
+        try:
+            writer.write(request.agent_message(env))
+            await writer.drain()
+            answer = await asyncio.wait_for(reader.readline(), ACK_DEADLINE_S)
+        except (OSError, TimeoutError) as error:
+            writer.close()
+            raise ContainerNotRunning(
+                f"the sidecar's agent did not take the action ({error})"
+            ) from None
+        if answer != b"ack\n":
+            writer.close()
+            raise ContainerNotRunning(f"the sidecar's agent refused the action: {answer!r}")
+        try:
+            code = await self._wait(reader, writer, timeout_s, cancelled)
+        finally:
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
+        if code is None:
+            if cancelled.is_set():
+                return RunOutcome(kind="cancelled", code=signal.SIGTERM, detail="agent lost")
+            log.warning("agent of sidecar %s ended without an answer", sidecar.short_id)
+            return RunOutcome(kind="lost", code=-1, detail="the agent ended without an answer")
+        if code < 0:
+            return RunOutcome(kind="timeout", code=-1, detail="the agent did not answer in time")
+        report = await anyio.to_thread.run_sync(read_report, action)
+        return judge(report, code, request.uid, request.gid)
+
+    @staticmethod
+    async def _wait(
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        timeout_s: float,
+        cancelled: asyncio.Event,
+    ) -> int | None:
+        """The runner's exit code from `done CODE`; None if the connection ended without it,
+        -1 if nothing came within the timeout and its grace."""
+        finished = asyncio.ensure_future(reader.readline())
+        cancel = asyncio.ensure_future(cancelled.wait())
+        try:
+            done, _ = await asyncio.wait(
+                {finished, cancel}, timeout=timeout_s + GRACE_S, return_when=asyncio.FIRST_COMPLETED
+            )
+            if cancel in done and finished not in done:
+                with contextlib.suppress(OSError):
+                    writer.write_eof()  # the agent's handler takes this as a cancel
+                done, _ = await asyncio.wait({finished}, timeout=GRACE_S)
+        finally:
+            cancel.cancel()
+            if not finished.done():
+                finished.cancel()
+        if finished not in done:
+            return -1
+        try:
+            line = finished.result()
+        except OSError:
+            return None
+        word, _, number = line.decode(errors="replace").strip().partition(" ")
+        if word != "done" or not number.isdigit():
+            return None
+        return int(number)
