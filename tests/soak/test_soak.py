@@ -533,7 +533,7 @@ def referenced(result: re_pb2.ActionResult, fetch: Fetch) -> list[re_pb2.Digest]
 # ------------------------------------------------------------------------------ the test
 
 
-def soak_settings(tmp_path: Path, worker: str) -> Settings:
+def soak_settings(tmp_path: Path, worker: str, dispatch: str) -> Settings:
     return load_settings(
         data_dir=tmp_path / "data",
         server={"listen": "127.0.0.1:0", "worker_name": worker},
@@ -543,7 +543,7 @@ def soak_settings(tmp_path: Path, worker: str) -> Settings:
             "max_timeout_s": 60,
             "pull_timeout_s": 20,
             "allowed_images": ["sidecar-test/*"],
-            "pool": {"max_sidecars": 3},
+            "pool": {"max_sidecars": 3, "dispatch": dispatch},
         },
     )
 
@@ -591,13 +591,16 @@ def check_cache(client: Client, actions: list[SoakAction]) -> list[str]:
 
 @pytest.mark.timeout(BUDGET_S)
 def test_soak_actions_survive_random_sidecar_kills_and_leave_nothing_behind(
-    tmp_path: Path, test_images: None, record_testsuite_property: Callable[[str, object], None]
+    tmp_path: Path,
+    test_images: None,
+    dispatch: str,
+    record_testsuite_property: Callable[[str, object], None],
 ) -> None:
     """Every check runs even after an earlier one found problems; they are all listed at the
     end, with the counts, so one failing run tells the whole story."""
     began = time.monotonic()
     worker = f"soak-{uuid.uuid4().hex[:12]}"
-    settings = soak_settings(tmp_path, worker)
+    settings = soak_settings(tmp_path, worker, dispatch)
     actions = make_actions(uuid.uuid4().hex[:8])
     problems: list[str] = []
 
