@@ -118,6 +118,25 @@ class ExecutionSettings(Section):
             raise ValueError(f"{value!r} is not a numeric uid:gid")
         return f"{int(uid)}:{int(gid)}"
 
+    @model_validator(mode="before")
+    @classmethod
+    def _image_pools_inherit(cls, data: Any) -> Any:
+        """An `image_pools` entry is `pool` with the fields it sets changed (an entry with only
+        `min_idle` keeps the default limits), keyed by the image as clients name it (a
+        `docker://` prefix is dropped, as it is from the platform property)."""
+        if not isinstance(data, dict) or not isinstance(data.get("image_pools"), dict):
+            return data
+        base = data.get("pool") or {}
+        if isinstance(base, PoolSettings):
+            base = base.model_dump(exclude_unset=True)
+        entries = {}
+        for image, entry in data["image_pools"].items():
+            if isinstance(entry, PoolSettings):
+                entry = entry.model_dump(exclude_unset=True)
+            key = image.removeprefix("docker://").strip() if isinstance(image, str) else image
+            entries[key] = {**base, **entry} if isinstance(entry, dict) else entry
+        return {**data, "image_pools": entries}
+
     @model_validator(mode="after")
     def _timeouts_ordered(self) -> ExecutionSettings:
         if self.default_timeout_s > self.max_timeout_s:

@@ -42,3 +42,21 @@ def test_batch_limit_must_fit_in_a_message() -> None:
 def test_missing_config_file_is_reported() -> None:
     with pytest.raises(FileNotFoundError):
         load_settings(Path("/nonexistent/config.yaml"))
+
+
+def test_image_pool_entries_inherit_what_they_do_not_set_from_the_default_pool() -> None:
+    """An entry with only min_idle used to drop the default pool's limits and max_sidecars."""
+    settings = load_settings(
+        execution={
+            "pool": {"max_sidecars": 7, "memory_bytes": 1 << 30, "dispatch": "agent"},
+            "image_pools": {"docker://golang:1.20": {"min_idle": 2}},
+        }
+    )
+    pool = settings.execution.pool_for("golang:1.20")
+    assert (pool.min_idle, pool.max_sidecars, pool.memory_bytes, pool.dispatch) == (
+        2,
+        7,
+        1 << 30,
+        "agent",
+    )
+    assert settings.execution.pool_for("other:1").min_idle == 0

@@ -12,6 +12,7 @@ from worker.config import PoolSettings, load_settings
 from worker.pool.pools import SidecarPools
 from worker.pool.sidecar_pool import PoolKey, Sidecar, SidecarPool
 from worker.runtime.fake import FakeContainerRuntime
+from worker.runtime.protocol import RuntimeUnavailable
 
 KEY = PoolKey("sha256:img", "65534:65534", "none", None, None, None)
 
@@ -233,3 +234,36 @@ async def test_pool_with_a_waiting_lease_is_not_dropped_as_empty(tmp_path: Path)
     assert pool.sidecars == [fresh]
     await pools.close()
     assert runtime.containers == {}
+
+
+@pytest.mark.anyio
+async def test_a_sidecar_the_daemon_could_not_remove_is_removed_by_later_upkeep(
+    tmp_path: Path,
+) -> None:
+    """A sidecar destroyed while the daemon was away used to stay until the worker restarted;
+    upkeep now retries its removal, container and directory both."""
+    runtime = FakeContainerRuntime()
+    image_id = runtime.add_image("sidecar-test/fake:1")
+    settings = load_settings(data_dir=tmp_path).execution
+    sidecars = tmp_path / "sidecars"
+    sidecars.mkdir()
+    pools = SidecarPools(
+        runtime=runtime,
+        settings=settings,
+        worker_id="0" * 32,
+        worker_name="pool-test",
+        sidecars_dir=sidecars,
+        runner_dir=tmp_path / "runner",
+        limiter=anyio.CapacityLimiter(4),
+    )
+    key = PoolKey(image_id, "65534:65534", "none", None, None, None)
+    pool = pools.pool_for(key, "sidecar-test/fake:1")
+    sidecar = await pool.lease()
+    assert sidecar.directory is not None and sidecar.directory.exists()
+    runtime.fail_next("remove_container", RuntimeUnavailable("daemon restarting"))
+    await pool.release(sidecar, reusable=False)
+    assert sidecar.container_id in runtime.containers  # the daemon was away
+    await pools.maintain_all()
+    assert sidecar.container_id not in runtime.containers
+    assert not sidecar.directory.exists()
+    await pools.close()
