@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -33,6 +35,18 @@ def test_images() -> None:
     from tests.images import ensure_test_images
 
     ensure_test_images()
+
+
+@pytest.fixture
+def reachable_dir() -> Iterator[Path]:
+    """A temporary directory the actions' user (65534, when the runner runs on this host) can
+    reach: pytest's own are root-only (0700)."""
+    directory = Path(tempfile.mkdtemp(prefix="reachable-"))
+    directory.chmod(0o755)
+    try:
+        yield directory
+    finally:
+        shutil.rmtree(directory)
 
 
 @pytest.fixture(params=["exec", "agent"])

@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import random
-import shutil
-import tempfile
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -121,14 +119,8 @@ class Worker:
 
 
 @pytest.fixture
-def base_dir() -> Iterator[Path]:
-    """A directory the action's user (65534, on this host) can reach: pytest's are 0700."""
-    base = Path(tempfile.mkdtemp(prefix="executor-faults-"))
-    base.chmod(0o755)
-    try:
-        yield base
-    finally:
-        shutil.rmtree(base)
+def base_dir(reachable_dir: Path) -> Path:
+    return reachable_dir
 
 
 @asynccontextmanager

@@ -18,7 +18,6 @@ import stat
 import struct
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -44,14 +43,8 @@ AGENT_ENV = {"PATH": "/usr/bin:/bin", "AGENT_ONLY": "inherited", "OVERRIDDEN": "
 
 
 @pytest.fixture
-def tmp_path() -> Iterator[Path]:
-    """A directory the action's user can reach (pytest's own are root-only)."""
-    directory = Path(tempfile.mkdtemp(prefix="agent-test-"))
-    directory.chmod(0o755)
-    try:
-        yield directory
-    finally:
-        shutil.rmtree(directory)
+def tmp_path(reachable_dir: Path) -> Path:
+    return reachable_dir
 
 
 # ------------------------------------------------------------------ processes

@@ -8,7 +8,7 @@ from pathlib import Path
 import anyio
 import pytest
 
-from worker.config import PoolSettings, load_settings
+from worker.config import ExecutionSettings, PoolSettings, load_settings
 from worker.pool.pools import SidecarPools
 from worker.pool.sidecar_pool import PoolKey, Sidecar, SidecarPool
 from worker.runtime.fake import FakeContainerRuntime
@@ -198,6 +198,23 @@ async def test_lease_does_not_wait_for_upkeep_to_remove_worn_out_sidecars() -> N
     assert containers.destroyed == ["c0"]
 
 
+def fake_pools(
+    tmp_path: Path, runtime: FakeContainerRuntime, settings: ExecutionSettings
+) -> SidecarPools:
+    """The real SidecarPools on the fake runtime."""
+    sidecars = tmp_path / "sidecars"
+    sidecars.mkdir()
+    return SidecarPools(
+        runtime=runtime,
+        settings=settings,
+        worker_id="0" * 32,
+        worker_name="pool-test",
+        sidecars_dir=sidecars,
+        runner_dir=tmp_path / "runner",
+        limiter=anyio.CapacityLimiter(4),
+    )
+
+
 @pytest.mark.anyio
 async def test_pool_with_a_waiting_lease_is_not_dropped_as_empty(tmp_path: Path) -> None:
     """A lease waits at max_sidecars; the sidecar it waits for is destroyed, and upkeep runs
@@ -209,17 +226,7 @@ async def test_pool_with_a_waiting_lease_is_not_dropped_as_empty(tmp_path: Path)
     settings = load_settings(
         data_dir=tmp_path, execution={"pool": {"max_sidecars": 1, "min_idle": 0}}
     ).execution
-    sidecars = tmp_path / "sidecars"
-    sidecars.mkdir()
-    pools = SidecarPools(
-        runtime=runtime,
-        settings=settings,
-        worker_id="0" * 32,
-        worker_name="pool-test",
-        sidecars_dir=sidecars,
-        runner_dir=tmp_path / "runner",
-        limiter=anyio.CapacityLimiter(4),
-    )
+    pools = fake_pools(tmp_path, runtime, settings)
     key = PoolKey(image_id, "65534:65534", "none", None, None, None)
     pool = pools.pool_for(key, "sidecar-test/fake:1")
     held = await pool.lease()
@@ -245,17 +252,7 @@ async def test_a_sidecar_the_daemon_could_not_remove_is_removed_by_later_upkeep(
     runtime = FakeContainerRuntime()
     image_id = runtime.add_image("sidecar-test/fake:1")
     settings = load_settings(data_dir=tmp_path).execution
-    sidecars = tmp_path / "sidecars"
-    sidecars.mkdir()
-    pools = SidecarPools(
-        runtime=runtime,
-        settings=settings,
-        worker_id="0" * 32,
-        worker_name="pool-test",
-        sidecars_dir=sidecars,
-        runner_dir=tmp_path / "runner",
-        limiter=anyio.CapacityLimiter(4),
-    )
+    pools = fake_pools(tmp_path, runtime, settings)
     key = PoolKey(image_id, "65534:65534", "none", None, None, None)
     pool = pools.pool_for(key, "sidecar-test/fake:1")
     sidecar = await pool.lease()

@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
-import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -24,14 +21,8 @@ NOBODY = 65534
 
 
 @pytest.fixture
-def tmp_path() -> Iterator[Path]:
-    """A directory the action's user can reach (pytest's own are root-only)."""
-    directory = Path(tempfile.mkdtemp(prefix="runner-test-"))
-    directory.chmod(0o755)
-    try:
-        yield directory
-    finally:
-        shutil.rmtree(directory)
+def tmp_path(reachable_dir: Path) -> Path:
+    return reachable_dir
 
 
 def runner_argv(action_dir: Path, *argv: str, timeout_ms: int = 10_000) -> list[str]:

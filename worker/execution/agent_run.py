@@ -19,7 +19,7 @@ from pathlib import Path
 
 import anyio
 
-from worker.execution.sidecar_run import GRACE_S, RunOutcome, judge, read_report
+from worker.execution.sidecar_run import RunOutcome, judge, read_report, wait_or_cancel
 from worker.pool.sidecar_pool import Sidecar
 from worker.runner_contract import AGENT_PROTOCOL, ActionDir, RunRequest
 from worker.runtime.protocol import ContainerNotRunning
@@ -122,21 +122,13 @@ class AgentRun:
     ) -> int | None:
         """The runner's exit code from `done CODE`; None if the connection ended without it,
         -1 if nothing came within the timeout and its grace."""
+
+        async def hang_up() -> None:
+            with contextlib.suppress(OSError):
+                writer.write_eof()  # the agent's handler takes this as a cancel
+
         finished = asyncio.ensure_future(reader.readline())
-        cancel = asyncio.ensure_future(cancelled.wait())
-        try:
-            done, _ = await asyncio.wait(
-                {finished, cancel}, timeout=timeout_s + GRACE_S, return_when=asyncio.FIRST_COMPLETED
-            )
-            if cancel in done and finished not in done:
-                with contextlib.suppress(OSError):
-                    writer.write_eof()  # the agent's handler takes this as a cancel
-                done, _ = await asyncio.wait({finished}, timeout=GRACE_S)
-        finally:
-            cancel.cancel()
-            if not finished.done():
-                finished.cancel()
-        if finished not in done:
+        if not await wait_or_cancel(finished, cancelled, timeout_s, hang_up):
             return -1
         try:
             line = finished.result()

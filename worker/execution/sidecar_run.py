@@ -5,10 +5,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import functools
 import logging
 import os
 import signal
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 import anyio
 
@@ -154,6 +157,29 @@ def judge(
     )
 
 
+async def wait_or_cancel(
+    finished: asyncio.Future[Any],
+    cancelled: asyncio.Event,
+    timeout_s: float,
+    cancel: Callable[[], Awaitable[None]],
+) -> bool:
+    """Waits for `finished` up to the action's timeout and GRACE_S; on a cancel meanwhile,
+    calls `cancel` and waits GRACE_S more. True if `finished` completed (it is cancelled
+    otherwise)."""
+    cancel_requested: asyncio.Future[Any] = asyncio.ensure_future(cancelled.wait())
+    try:
+        first: set[asyncio.Future[Any]] = {finished, cancel_requested}
+        await asyncio.wait(first, timeout=timeout_s + GRACE_S, return_when=asyncio.FIRST_COMPLETED)
+        if cancel_requested.done() and not finished.done():
+            await cancel()
+            await asyncio.wait({finished}, timeout=GRACE_S)
+    finally:
+        cancel_requested.cancel()
+        if not finished.done():
+            finished.cancel()
+    return finished.done() and not finished.cancelled()
+
+
 class SidecarRun:
     """Starts the runner with a detached exec (as root: it drops to the action's user itself)
     and waits for it, with cancel and a watchdog."""
@@ -178,19 +204,10 @@ class SidecarRun:
         retry in another sidecar); otherwise returns how the action ended."""
         exec_id = await self._start(sidecar, ExecSpec(request.runner_argv(), env=env, user="0:0"))
         finished = asyncio.ensure_future(self._waiter.wait(exec_id))
-        cancel = asyncio.ensure_future(cancelled.wait())
-        try:
-            done, _ = await asyncio.wait(
-                {finished, cancel}, timeout=timeout_s + GRACE_S, return_when=asyncio.FIRST_COMPLETED
-            )
-            if cancel in done and finished not in done:
-                await self._cancel(sidecar, action)
-                done, _ = await asyncio.wait({finished}, timeout=GRACE_S)
-        finally:
-            cancel.cancel()
-            if not finished.done():
-                finished.cancel()
-        if finished not in done or finished.cancelled():
+        ended = await wait_or_cancel(
+            finished, cancelled, timeout_s, functools.partial(self._cancel, sidecar, action)
+        )
+        if not ended:
             log.warning("runner in sidecar %s did not end; giving the sidecar up", sidecar.short_id)
             if cancelled.is_set():
                 return RunOutcome(kind="cancelled", code=signal.SIGTERM, detail="runner lost")
