@@ -18,8 +18,9 @@ def build_file() -> str:
     return "\n".join(rules) + "\n"
 
 
-def build_seconds(address: str, image: str, root: Path) -> dict[str, float]:
-    """Wall time of the same build with warm pools and with a fresh container per action."""
+def build_seconds(address: str, exec_image: str, agent_image: str, root: Path) -> dict[str, float]:
+    """Wall time of the same build on warm pools of dispatch `exec` (`exec_image`'s pool), on
+    warm pools of dispatch `agent` (`agent_image`'s), and with a fresh container per action."""
     root.mkdir(parents=True)
     workspace = make_workspace(root, build_file())
     bazel = Bazel(workspace, root / "bazel-root")
@@ -31,15 +32,16 @@ def build_seconds(address: str, image: str, root: Path) -> dict[str, float]:
         "//:all",
     ]
     variants = {
-        "warm_pool": [f"--remote_default_exec_properties=container-image=docker://{image}"],
+        "exec": [f"--remote_default_exec_properties=container-image=docker://{exec_image}"],
+        "agent": [f"--remote_default_exec_properties=container-image=docker://{agent_image}"],
         "container_per_action": [
-            f"--remote_default_exec_properties=container-image=docker://{image}",
+            f"--remote_default_exec_properties=container-image=docker://{exec_image}",
             "--remote_default_exec_properties=sidecar-reuse=false",
         ],
     }
     figures: dict[str, float] = {}
     try:
-        warmup = bazel.run("build", *variants["warm_pool"], *common)  # starts Bazel's server
+        warmup = bazel.run("build", *variants["exec"], *common)  # starts Bazel's server
         if warmup.returncode != 0:
             raise RuntimeError(f"bazel warm-up build failed:\n{warmup.output[-3000:]}")
         for name, flags in variants.items():

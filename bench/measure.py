@@ -6,7 +6,8 @@ import os
 import statistics
 import threading
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
@@ -62,6 +63,132 @@ def run_once(ch: grpc.Channel, action: Digest) -> re_pb2.ExecuteResponse:
     return response
 
 
+# The intervals of one action, from the client's clock before Execute and after the last message
+# and the ExecutedActionMetadata timestamps in between (same host, so the same wall clock).
+PHASES: tuple[tuple[str, str, str, str], ...] = (
+    ("client_to_queued", "sent", "queued", "client sends -> queued (gRPC in, Execute handler)"),
+    ("queue_handoff", "queued", "worker_start", "queued -> worker start (queue hand-off)"),
+    (
+        "load_action",
+        "worker_start",
+        "input_fetch_start",
+        "worker start -> input fetch (load Action, Command)",
+    ),
+    (
+        "input_fetch",
+        "input_fetch_start",
+        "input_fetch_completed",
+        "input fetch (tree, image, lease sidecar, stage)",
+    ),
+    (
+        "fetch_to_execution",
+        "input_fetch_completed",
+        "execution_start",
+        "input fetched -> execution start",
+    ),
+    ("execution", "execution_start", "execution_completed", "execution (dispatch and `true`)"),
+    (
+        "execution_to_upload",
+        "execution_completed",
+        "output_upload_start",
+        "executed -> output upload start",
+    ),
+    (
+        "output_upload",
+        "output_upload_start",
+        "output_upload_completed",
+        "output upload (collect outputs)",
+    ),
+    (
+        "release",
+        "output_upload_completed",
+        "worker_completed",
+        "outputs -> worker completed (release sidecar)",
+    ),
+    (
+        "result_to_client",
+        "worker_completed",
+        "received",
+        "worker completed -> client has the result",
+    ),
+)
+
+
+@dataclass
+class Timed:
+    """End-to-end latencies of some actions, and each one's phases (seconds)."""
+
+    samples: list[float] = field(default_factory=list)
+    phases: list[dict[str, float]] = field(default_factory=list)
+
+    def extend(self, other: Timed) -> None:
+        self.samples += other.samples
+        self.phases += other.phases
+
+    def phase_medians(self) -> dict[str, float]:
+        return {name: statistics.median(p[name] for p in self.phases) for name, *_ in PHASES}
+
+
+def phases_of(sent_ns: int, received_ns: int, response: re_pb2.ExecuteResponse) -> dict[str, float]:
+    m = response.result.execution_metadata
+    stamps = {
+        "sent": sent_ns,
+        "queued": m.queued_timestamp.ToNanoseconds(),
+        "worker_start": m.worker_start_timestamp.ToNanoseconds(),
+        "input_fetch_start": m.input_fetch_start_timestamp.ToNanoseconds(),
+        "input_fetch_completed": m.input_fetch_completed_timestamp.ToNanoseconds(),
+        "execution_start": m.execution_start_timestamp.ToNanoseconds(),
+        "execution_completed": m.execution_completed_timestamp.ToNanoseconds(),
+        "output_upload_start": m.output_upload_start_timestamp.ToNanoseconds(),
+        "output_upload_completed": m.output_upload_completed_timestamp.ToNanoseconds(),
+        "worker_completed": m.worker_completed_timestamp.ToNanoseconds(),
+        "received": received_ns,
+    }
+    return {name: (stamps[end] - stamps[start]) / 1e9 for name, start, end, _ in PHASES}
+
+
+def execute_timed(ch: grpc.Channel, action: Digest, runs: int) -> Timed:
+    """`runs` sequential executions of `action`: latency and phases of each."""
+    timed = Timed()
+    for _ in range(runs):
+        sent = time.time_ns()
+        began = time.perf_counter()
+        response = run_once(ch, action)
+        timed.samples.append(time.perf_counter() - began)
+        timed.phases.append(phases_of(sent, time.time_ns(), response))
+    return timed
+
+
+def busy_jiffies() -> int:
+    """Busy time of the whole machine (all cores, every process), in clock ticks."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = fields
+    return user + nice + system + irq + softirq + steal
+
+
+def process_jiffies(pid: int) -> int:
+    """User and system time of one process (all its threads), in clock ticks."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])
+
+
+@dataclass
+class CpuBlock:
+    """Busy CPU seconds of the whole host and of one process during a block, and its wall time."""
+
+    host_s: float
+    process_s: float
+    wall_s: float
+
+
+def cpu_block(block: Callable[[], None], pid: int) -> CpuBlock:
+    tick = os.sysconf("SC_CLK_TCK")
+    host, process, began = busy_jiffies(), process_jiffies(pid), time.perf_counter()
+    block()
+    wall = time.perf_counter() - began
+    return CpuBlock((busy_jiffies() - host) / tick, (process_jiffies(pid) - process) / tick, wall)
+
+
 def execute_latencies(ch: grpc.Channel, action: Digest, runs: int, warmup: int = 3) -> Latencies:
     for _ in range(warmup):
         run_once(ch, action)
@@ -96,34 +223,44 @@ def staging_seconds(response: re_pb2.ExecuteResponse) -> float:
 
 
 def throughput(address: str, image: str, total: int, concurrency: int, salt: str) -> float:
-    """Actions per second: `concurrency` client threads share `total` distinct no-op actions."""
+    """Actions per second: `concurrency` client threads, each with its own connected channel,
+    share `total` distinct no-op actions (uploaded beforehand, not timed)."""
     with channel(address) as ch:
         actions = [
             upload_action(ch, noop_spec(image, salt=f"{salt}-{i}".encode())) for i in range(total)
         ]
+    channels = [channel(address) for _ in range(concurrency)]
     lock = threading.Lock()
     errors: list[BaseException] = []
+    start = threading.Barrier(concurrency + 1)
 
-    def worker() -> None:
-        with channel(address) as ch:
-            while True:
-                with lock:
-                    if not actions:
-                        return
-                    action = actions.pop()
-                try:
-                    run_once(ch, action)
-                except BaseException as error:
-                    errors.append(error)
+    def worker(ch: grpc.Channel) -> None:
+        start.wait()
+        while True:
+            with lock:
+                if not actions:
                     return
+                action = actions.pop()
+            try:
+                run_once(ch, action)
+            except BaseException as error:
+                errors.append(error)
+                return
 
-    threads = [threading.Thread(target=worker) for _ in range(concurrency)]
-    began = time.perf_counter()
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    elapsed = time.perf_counter() - began
+    try:
+        for ch in channels:
+            grpc.channel_ready_future(ch).result(timeout=30)
+        threads = [threading.Thread(target=worker, args=(ch,)) for ch in channels]
+        for thread in threads:
+            thread.start()
+        start.wait()
+        began = time.perf_counter()
+        for thread in threads:
+            thread.join()
+        elapsed = time.perf_counter() - began
+    finally:
+        for ch in channels:
+            ch.close()
     if errors:
         raise errors[0]
     return total / elapsed

@@ -114,6 +114,7 @@ class SidecarPools:
         self._undestroyed: list[Sidecar] = []
         # Containers of this worker that exist (created and not yet removed), all pools.
         self._live = 0
+        self._volumes: dict[str, tuple[str, ...]] = {}
 
     # --------------------------------------------------------------- lifecycle
 
@@ -191,12 +192,17 @@ class SidecarPools:
     async def key_for(self, platform: ExecutionPlatform) -> PoolKey:
         image_id = await self.images.resolve(platform.image)
         limits = self._pool_settings(platform.image)
-        try:
-            volumes = await in_thread(self._limiter, self._runtime.image_volumes, image_id)
-        except RuntimeUnavailable as error:
-            raise Unavailable(f"image {platform.image!r}: {error}") from None
-        except ContainerRuntimeError as error:
-            raise FailedPrecondition(f"image {platform.image!r}: {error}") from None
+        volumes = self._volumes.get(image_id)
+        if volumes is None:  # an image ID names fixed content: asked once per image
+            try:
+                found = await in_thread(self._limiter, self._runtime.image_volumes, image_id)
+            except RuntimeUnavailable as error:
+                raise Unavailable(f"image {platform.image!r}: {error}") from None
+            except ContainerRuntimeError as error:
+                raise FailedPrecondition(f"image {platform.image!r}: {error}") from None
+            if len(self._volumes) >= 4096:
+                self._volumes.clear()
+            volumes = self._volumes[image_id] = tuple(found)
         return PoolKey(
             image_id=image_id,
             user=platform.user,
@@ -204,7 +210,7 @@ class SidecarPools:
             cpus=limits.cpus,
             memory_bytes=limits.memory_bytes,
             pids_limit=limits.pids_limit,
-            volumes=tuple(volumes),
+            volumes=volumes,
             dispatch=limits.dispatch,
         )
 
