@@ -416,9 +416,12 @@ struct ending {
 static _Noreturn void start_action(const struct action *a, int out, int err,
                                    const sigset_t *mask) {
     sigprocmask(SIG_SETMASK, mask, NULL);
-    /* An ignored signal stays ignored across exec; the agent ignores SIGPIPE, an action
-     * under `docker exec` never has it ignored. */
-    signal(SIGPIPE, SIG_DFL);
+    /* An ignored signal stays ignored across exec. The agent ignores SIGPIPE and SIGCHLD, and
+     * whoever started the runner may have ignored others (a shell ignores SIGINT and SIGQUIT
+     * for background jobs); an action under `docker exec` starts with none ignored. */
+    for (int sig = 1; sig < NSIG; sig++) {
+        if (sig != SIGKILL && sig != SIGSTOP) signal(sig, SIG_DFL);
+    }
     setsid();
     int null_fd = open("/dev/null", O_RDONLY);
     if (null_fd > 0) { /* 0 already if the runner had no stdin */

@@ -67,6 +67,7 @@ def exec_settings(tmp_path: Path, test_images: None, dispatch: str) -> Settings:
             "default_timeout_s": 60,
             "max_timeout_s": 120,
             "pull_timeout_s": 20,
+            "daemon_wait_s": 2,
             "allowed_images": ["sidecar-test/*", "registry.invalid/*"],
             "pool": {"max_sidecars": 2, "dispatch": dispatch},
         },

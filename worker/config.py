@@ -93,6 +93,9 @@ class ExecutionSettings(Section):
         [], description="platform properties to accept and ignore"
     )
     pull_timeout_s: float = Field(300, gt=0)
+    daemon_wait_s: float = Field(
+        30, ge=0, description="how long an action not yet started waits for an absent daemon"
+    )
     docker_timeout_s: float = Field(
         60, gt=0, description="longest wait for any other Docker call; longer is UNAVAILABLE"
     )

@@ -125,6 +125,7 @@ def test_a_hung_daemon_call_is_bounded_and_reported(
         execution={
             "docker_url": f"unix://{tmp_path / 'docker.sock'}",
             "docker_timeout_s": 2,
+            "daemon_wait_s": 0,
             "pull_timeout_s": 2,
             "allowed_images": ["*"],
         },

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -124,7 +125,9 @@ def base_dir(reachable_dir: Path) -> Path:
 
 
 @asynccontextmanager
-async def worker(base: Path, fake: FakeContainerRuntime | None = None) -> AsyncIterator[Worker]:
+async def worker(
+    base: Path, fake: FakeContainerRuntime | None = None, daemon_wait_s: float = 0
+) -> AsyncIterator[Worker]:
     if fake is None:
         fake = FakeContainerRuntime()
         fake.add_image(IMAGE)
@@ -136,6 +139,7 @@ async def worker(base: Path, fake: FakeContainerRuntime | None = None) -> AsyncI
             "default_timeout_s": 30,
             "max_timeout_s": 60,
             "pull_timeout_s": 10,
+            "daemon_wait_s": daemon_wait_s,
             "pool": {"max_sidecars": 2},
         },
     )
@@ -412,3 +416,33 @@ async def test_image_that_cannot_be_pulled_is_failed_precondition(base_dir: Path
         assert response.status.code == FAILED_PRECONDITION
         assert f"image {IMAGE!r} could not be pulled" in response.status.message
         assert w.fake.calls["create_sidecar"] == 0 and w.sidecar_dirs() == []
+
+
+async def test_an_action_waits_for_a_daemon_that_is_away_and_then_runs(base_dir: Path) -> None:
+    """A daemon restarting (unreachable for a moment) does not fail actions that had not
+    started: they try again for up to execution.daemon_wait_s."""
+    async with worker(base_dir, daemon_wait_s=10) as w:
+        w.fake.fail_next("create_sidecar", RuntimeUnavailable("daemon restarting"), times=2)
+        response = await w.run("echo waited")
+        assert response.status.code == OK, response.status
+        assert w.stdout(response) == b"waited\n"
+        assert w.fake.calls["create_sidecar"] == 3
+
+
+async def test_action_and_command_are_read_off_the_event_loop(base_dir: Path) -> None:
+    """Reading the Action and Command blobs is disk I/O: it must not block the event loop that
+    serves every other RPC."""
+    async with worker(base_dir) as w:
+        loop_thread = threading.get_ident()
+        read_in: list[int] = []
+        original = w.store.read
+
+        def recording_read(digest: Digest) -> bytes:
+            read_in.append(threading.get_ident())
+            return original(digest)
+
+        w.store.read = recording_read  # type: ignore[method-assign]
+        response = await w.run("true")
+        assert response.status.code == OK
+        assert read_in, "the store was never read"
+        assert loop_thread not in read_in

@@ -7,6 +7,7 @@ import contextlib
 import functools
 import logging
 import os
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TypeVar
@@ -76,6 +77,10 @@ def now() -> timestamp_pb2.Timestamp:
 
 
 M = TypeVar("M", re_pb2.Action, re_pb2.Command)
+T = TypeVar("T")
+
+# How often an action waiting for the daemon tries again.
+DAEMON_RETRY_S = 1.0
 
 
 def load_message(store: DiskBlobStore, digest: Digest, kind: type[M]) -> M:
@@ -188,13 +193,29 @@ class ActionExecutor:
             )
         )
         check_action_paths(tree, command)
-        key = await self._pools.key_for(platform)  # pulls the image if needed
+        # Pulls the image if needed; waits a while for a daemon that is away.
+        key = await self._patiently(functools.partial(self._pools.key_for, platform), cancelled)
         outcome = await self._run(
             platform, key, tree, command, timeout_s, cancelled, metadata, response
         )
         self._judge(outcome, timeout_s, response)
 
     # ------------------------------------------------------------------ steps
+
+    async def _patiently(self, step: Callable[[], Awaitable[T]], cancelled: asyncio.Event) -> T:
+        """Runs a step that needs the Docker daemon, retrying for up to
+        execution.daemon_wait_s while the daemon is away (restarting, say), so that actions
+        that had not started yet run once it is back instead of failing."""
+        deadline = time.monotonic() + self._settings.daemon_wait_s
+        while True:
+            try:
+                return await step()
+            except (RuntimeUnavailable, Unavailable):
+                if time.monotonic() >= deadline or cancelled.is_set():
+                    raise
+                log.info("the Docker daemon is away; the action waits for it")
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(cancelled.wait(), DAEMON_RETRY_S)
 
     def _lease_function(
         self, platform: ExecutionPlatform, key: PoolKey
@@ -227,7 +248,7 @@ class ActionExecutor:
         while True:
             attempts += 1
             try:
-                sidecar = await lease()
+                sidecar = await self._patiently(lease, cancelled)
             except RuntimeUnavailable as error:
                 raise Unavailable(f"cannot create a sidecar: {error}") from None
             except ContainerRuntimeError as error:
