@@ -939,6 +939,44 @@ static int usage(void) {
     return 2;
 }
 
+/*
+ * `run`'s environment: its own (what Docker built for the exec from the container's settings)
+ * overlaid with CONTROL_DIR/env, NUL-terminated NAME=value entries the worker wrote there.
+ * The action's variables come as data in a root-only file, never as the runner's own
+ * environment, so a client's variables (GLIBC_TUNABLES, MALLOC_*) never reach this root
+ * process's libc. Without the file the runner's own environment is the action's.
+ */
+static char **run_environment(const char *control_dir) {
+    int dir = open(control_dir, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+    if (dir < 0) return environ;
+    int fd = openat(dir, "env", O_RDONLY | O_NOFOLLOW | O_CLOEXEC);
+    close(dir);
+    if (fd < 0) return environ;
+    struct stat info;
+    char *text = NULL;
+    size_t size = 0;
+    if (fstat(fd, &info) == 0 && S_ISREG(info.st_mode) && info.st_size <= (off_t)AGENT_REQUEST_MAX) {
+        size = (size_t)info.st_size;
+        text = malloc(size + 1);
+        if (text && read(fd, text, size) != (ssize_t)size) size = (size_t)-1;
+    } else {
+        size = (size_t)-1;
+    }
+    close(fd);
+    if (!text || size == (size_t)-1 || (size > 0 && text[size - 1] != '\0')) return NULL;
+    size_t count = 0;
+    for (size_t i = 0; i < size; i++) count += text[i] == '\0';
+    char **entries = calloc(count + 1, sizeof *entries);
+    if (!entries) return NULL;
+    for (size_t i = 0, at = 0; i < count; i++) {
+        entries[i] = text + at;
+        size_t name_len = strcspn(entries[i], "=");
+        if (name_len == 0 || entries[i][name_len] != '=') return NULL;
+        at += strlen(entries[i]) + 1;
+    }
+    return overlay_environment(entries, count);
+}
+
 int main(int argc, char **argv) {
     if (argc >= 2 && strcmp(argv[1], "keepalive") == 0) {
         for (;;) pause();
@@ -957,7 +995,12 @@ int main(int argc, char **argv) {
                            .workdir = argv[6],
                            .options = argv[7],
                            .argv = &argv[9],
-                           .envp = environ};
+                           .envp = run_environment(argv[2])};
+        if (!a.envp) {
+            fprintf(stderr, "sidecar-runner: %s/env is not a list of NAME=value entries\n",
+                    argv[2]);
+            return EXIT_RUNNER_ERROR;
+        }
         return run_action(&a, -1);
     }
     if (argc == 3 && strcmp(argv[1], "agent") == 0) return agent(argv[2], 0);

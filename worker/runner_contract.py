@@ -4,7 +4,8 @@ sidecar/runner.c mirrors this; sidecar/README.md states it for people. Who may w
 
     SIDECAR_DIR/            root 0755, the only host directory a sidecar mounts (same path)
       <action id>/          root 0755: the action cannot rename or replace anything in it
-        control/            root 0700: the runner's pid, stdout, stderr and report (status)
+        control/            root 0700: the runner's pid, stdout, stderr and report (status),
+                            and for dispatch exec the action's variables (env)
         root/               the action's user: the input root, outputs, working directory
         home/  tmp/         the action's user: HOME and TMPDIR
 """
@@ -31,6 +32,7 @@ TMP = "tmp"
 STDOUT = "stdout"
 STDERR = "stderr"
 REPORT = "status"
+ENVIRONMENT = "env"  # dispatch exec: the action's variables, NUL-terminated NAME=value
 
 
 @dataclass(frozen=True)
@@ -118,6 +120,10 @@ class RunRequest:
         ]
         body = b"".join(field.encode() + b"\0" for field in fields)
         return len(body).to_bytes(4, "big") + body
+
+
+def environment_entries(env: dict[str, str]) -> bytes:
+    return b"".join(f"{name}={value}".encode() + b"\0" for name, value in env.items())
 
 
 def cancel_argv(control_dir: Path) -> list[str]:

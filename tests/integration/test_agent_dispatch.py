@@ -51,6 +51,15 @@ def only_pool(service: RunningService) -> SidecarPool:
     return pool
 
 
+def running_in(container_id: str, command: str) -> bool:
+    client = docker.APIClient(version="auto")
+    try:
+        top = client.top(container_id, ps_args="-o pid,args")
+    finally:
+        client.close()
+    return any(args.endswith(command) for _, args in top["Processes"])
+
+
 def agent_host_pid(container_id: str) -> int:
     """The agent's pid on this host (dockerd shares our pid namespace here)."""
     client = docker.APIClient(version="auto")
@@ -107,10 +116,12 @@ def test_an_agent_killed_mid_action_is_a_lost_runner_and_the_sidecar_is_replaced
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline and not any(p.sidecars for p in execution.pools.pools):
         time.sleep(0.05)
-    time.sleep(1)
     (sidecar,) = only_pool(agent_service).sidecars
+    while time.monotonic() < deadline and not running_in(sidecar.container_id, "sleep 60"):
+        time.sleep(0.05)  # the action has reached the agent's handler
     os.kill(agent_host_pid(sidecar.container_id), signal.SIGKILL)
     reader.join(30)
+    assert final, "the Execute stream never ended"
     response = response_of(final[-1])
     assert response.status.code == grpc.StatusCode.INTERNAL.value[0], response.status
     assert "the sidecar was replaced" in response.status.message

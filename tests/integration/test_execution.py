@@ -269,6 +269,7 @@ def test_several_actions_can_share_one_sidecar_when_configured(exec_settings: Se
             action = actions.pop()
             outputs.append(stdout_of(service.channel, execute(service.channel, action).response))
 
+        assert run(service.channel, sh("true")).status.code == 0  # the sidecar is up now
         began = time.monotonic()
         assert run_concurrently(one, threads=3) == []
         assert time.monotonic() - began < 2.9  # the three ran side by side, not one by one
@@ -277,3 +278,32 @@ def test_several_actions_can_share_one_sidecar_when_configured(exec_settings: Se
         assert execution_side is not None
         (only,) = execution_side.pools.pools
         assert only.stats.created == 1
+
+
+def test_a_timeout_in_a_shared_sidecar_leaves_its_neighbour_running(
+    exec_settings: Settings,
+) -> None:
+    """With actions_per_sidecar > 1 the runner's whole-tree kill of a timed-out action is
+    enough: the container is not removed under its neighbour, and the neighbour's scratch
+    files are not scrubbed under it."""
+    pool = exec_settings.execution.pool.model_copy(
+        update={"actions_per_sidecar": 2, "max_sidecars": 1}
+    )
+    execution = exec_settings.execution.model_copy(update={"pool": pool})
+    with running_service(exec_settings.model_copy(update={"execution": execution})) as service:
+        neighbour = upload_action(
+            service.channel,
+            sh("echo mine > /tmp/neighbour; sleep 3; cat /tmp/neighbour", do_not_cache=True),
+        )
+        doomed = upload_action(service.channel, sh("sleep 60", timeout_s=1, do_not_cache=True))
+        results: dict[str, re_pb2.ExecuteResponse] = {}
+        jobs = [("neighbour", neighbour), ("doomed", doomed)]
+
+        def one() -> None:
+            name, action = jobs.pop()
+            results[name] = execute(service.channel, action).response
+
+        assert run_concurrently(one, threads=2) == []
+        assert results["doomed"].status.code == grpc.StatusCode.DEADLINE_EXCEEDED.value[0]
+        assert results["neighbour"].status.code == 0, results["neighbour"].status
+        assert stdout_of(service.channel, results["neighbour"]) == b"mine\n"

@@ -11,12 +11,20 @@ import subprocess
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import docker
 import grpc
 import pytest
 
-from tests.execution_client import InputFile, read_blob, run, shell_action, stdout_of
+from tests.execution_client import (
+    ActionSpec,
+    InputFile,
+    read_blob,
+    run,
+    shell_action,
+    stdout_of,
+)
 from tests.images import HOSTILE, IMAGE_VOLUME, WITH_VOLUME
 from tests.security.conftest import (
     HOSTILE_PLATFORM,
@@ -396,3 +404,28 @@ def test_one_client_cannot_make_the_worker_hold_unbounded_sidecars(
         finally:
             client.close()
         assert len(labelled) <= 2
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        {"argv": ["sh", "-c", "echo a\0b"]},
+        {"env": {"": "empty name"}},
+        {"env": {"A=B": "equals in the name"}},
+        {"env": {"NUL": "a\0b"}},
+        {"argv": ["sh", "-c", "true", "x" * (1 << 20)]},
+        {"output_paths": ["a\0b"]},
+    ],
+    ids=["nul-argument", "empty-name", "equals-name", "nul-value", "huge", "nul-path"],
+)
+def test_a_command_no_process_can_start_with_is_invalid_and_costs_no_sidecar(
+    attacked: RunningService, spec: dict[str, object]
+) -> None:
+    """Refused before any sidecar is leased: a malformed Command must not pass for a broken
+    sidecar (which would be destroyed, and the client told to retry)."""
+    fields: dict[str, Any] = {"argv": ["true"], "action_platform": HOSTILE_PLATFORM, **spec}
+    response = run(attacked.channel, ActionSpec(**fields))
+    assert response.status.code == grpc.StatusCode.INVALID_ARGUMENT.value[0], response.status
+    execution = attacked.service.execution
+    assert execution is not None
+    assert all(pool.stats.created == 0 for pool in execution.pools.pools)

@@ -122,3 +122,26 @@ def test_cancel_kills_a_running_action(tmp_path: Path) -> None:
     outcome = read_runner_status(tmp_path)
     assert outcome is not None and outcome.outcome == "cancelled"
     assert not alive(marker)
+
+
+def test_the_action_gets_its_variables_from_the_control_dir_not_from_the_exec(
+    tmp_path: Path,
+) -> None:
+    """The worker writes the action's variables into control/env; the runner itself, root,
+    starts without them (a client's GLIBC_TUNABLES must not reach its libc)."""
+    argv = runner_argv(tmp_path, "sh", "-c", 'echo "$FROM_FILE $KEPT"')
+    (tmp_path / "control" / "env").write_bytes(b"FROM_FILE=yes\0KEPT=overridden\0")
+    result = subprocess.run(
+        argv, capture_output=True, timeout=30, env={"KEPT": "runner's", "PATH": "/usr/bin:/bin"}
+    )
+    assert result.returncode == 0
+    assert (tmp_path / "control" / "stdout").read_bytes() == b"yes overridden\n"
+
+
+def test_a_malformed_environment_file_runs_nothing(tmp_path: Path) -> None:
+    argv = runner_argv(tmp_path, "sh", "-c", "echo ran")
+    (tmp_path / "control" / "env").write_bytes(b"=no-name\0")
+    result = subprocess.run(argv, capture_output=True, timeout=30)
+    assert result.returncode == 125
+    assert b"env is not a list" in result.stderr
+    assert not (tmp_path / "control" / "stdout").exists()

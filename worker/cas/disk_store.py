@@ -333,10 +333,11 @@ class DiskBlobStore:
         finally:
             os.close(fd)
 
-    def ingest_fd(self, fd: int, what: str) -> Digest:
-        """Copies an open regular file, from offset 0 to its end, into the CAS and returns
-        its digest. The fd is read with pread (its offset is left alone) and not closed;
-        `what` names the file in errors."""
+    def ingest_fd(self, fd: int, what: str, max_bytes: int | None = None) -> Digest:
+        """Copies an open regular file, from offset 0 to its end (or its first `max_bytes`,
+        for a file someone may still be appending to), into the CAS and returns its digest.
+        The fd is read with pread (its offset is left alone) and not closed; `what` names the
+        file in errors."""
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise InvalidArgument(f"{what} is not a regular file")
         hasher = hashlib.sha256()
@@ -346,7 +347,10 @@ class DiskBlobStore:
         placed = False
         try:
             try:
-                while chunk := os.pread(fd, _CHUNK, size):
+                limit = max_bytes if max_bytes is not None else -1
+                while chunk := os.pread(
+                    fd, _CHUNK if limit < 0 else min(_CHUNK, limit - size), size
+                ):
                     reservation.grow(len(chunk))
                     hasher.update(chunk)
                     _write_fd(out, chunk)

@@ -13,12 +13,12 @@ import asyncio
 import contextlib
 import logging
 import os
-import signal
 import socket
 from pathlib import Path
 
 import anyio
 
+from worker.errors import Internal
 from worker.execution.sidecar_run import RunOutcome, judge, read_report, wait_or_cancel
 from worker.pool.sidecar_pool import Sidecar
 from worker.runner_contract import AGENT_PROTOCOL, ActionDir, RunRequest
@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 
 # A live agent greets and acknowledges within microseconds; a stopped one (SIGSTOP) still has
 # its socket accept connections, so silence past this means the sidecar is given up.
-ACK_DEADLINE_S = 2.0
+ACK_DEADLINE_S = 5.0
 
 
 async def connect_agent(
@@ -94,9 +94,14 @@ class AgentRun:
             raise ContainerNotRunning(
                 f"the sidecar's agent did not take the action ({error})"
             ) from None
+        if answer.startswith(b"error "):
+            # The request itself was refused: a bug of ours (check_command keeps out what the
+            # agent would refuse), not a broken sidecar; the action is not run.
+            writer.close()
+            raise Internal(f"the sidecar's agent refused the request: {answer[:200]!r}")
         if answer != b"ack\n":
             writer.close()
-            raise ContainerNotRunning(f"the sidecar's agent refused the action: {answer!r}")
+            raise ContainerNotRunning(f"the sidecar's agent refused the action: {answer[:200]!r}")
         try:
             code = await self._wait(reader, writer, timeout_s, cancelled)
         finally:
@@ -105,13 +110,13 @@ class AgentRun:
                 await writer.wait_closed()
         if code is None:
             if cancelled.is_set():
-                return RunOutcome(kind="cancelled", code=signal.SIGTERM, detail="agent lost")
+                return RunOutcome(kind="cancelled", code=-1, detail="agent lost")
             log.warning("agent of sidecar %s ended without an answer", sidecar.short_id)
             return RunOutcome(kind="lost", code=-1, detail="the agent ended without an answer")
         if code < 0:
             return RunOutcome(kind="timeout", code=-1, detail="the agent did not answer in time")
         report = await anyio.to_thread.run_sync(read_report, action)
-        return judge(report, code, request.uid, request.gid)
+        return judge(report, code, request.uid, request.gid, request.scrub)
 
     @staticmethod
     async def _wait(

@@ -54,6 +54,7 @@ from worker.reapi import re_pb2
 from worker.runner_contract import (
     CONTROL,
     INPUT_ROOT,
+    MAX_AGENT_REQUEST_BYTES,
     STDERR,
     STDOUT,
     ActionDir,
@@ -78,7 +79,10 @@ def now() -> timestamp_pb2.Timestamp:
 
 M = TypeVar("M", re_pb2.Action, re_pb2.Command)
 T = TypeVar("T")
+Release = Callable[[Sidecar, bool], Awaitable[None]]
 
+# Room for the paths and numbers of a request within the agent's limit.
+MAX_COMMAND_BYTES = MAX_AGENT_REQUEST_BYTES - 64 * 1024
 # How often an action waiting for the daemon tries again.
 DAEMON_RETRY_S = 1.0
 
@@ -109,6 +113,30 @@ def action_timeout_s(action: re_pb2.Action, settings: ExecutionSettings) -> floa
             f"{settings.max_timeout_s:g} s"
         )
     return seconds
+
+
+def check_command(command: re_pb2.Command) -> None:
+    """INVALID_ARGUMENT for what no process can be started with: an empty argv, a NUL byte
+    in an argument or variable, a variable name that is empty or holds '=', or more than
+    MAX_AGENT_REQUEST_BYTES of arguments and variables together (either dispatch)."""
+    if not command.arguments:
+        raise InvalidArgument("the Command has no arguments")
+    size = 0
+    for argument in command.arguments:
+        if "\0" in argument:
+            raise InvalidArgument("a Command argument holds a NUL byte")
+        size += len(argument.encode()) + 1
+    for variable in command.environment_variables:
+        if not variable.name or "=" in variable.name or "\0" in variable.name:
+            raise InvalidArgument(f"environment variable name {variable.name[:100]!r} is invalid")
+        if "\0" in variable.value:
+            raise InvalidArgument(f"environment variable {variable.name[:100]!r} holds a NUL byte")
+        size += len(variable.name.encode()) + len(variable.value.encode()) + 2
+    if size > MAX_COMMAND_BYTES:
+        raise InvalidArgument(
+            f"the Command's arguments and environment take {size} bytes; at most "
+            f"{MAX_COMMAND_BYTES} are supported"
+        )
 
 
 def action_environment(command: re_pb2.Command, action: ActionDir) -> dict[str, str]:
@@ -177,8 +205,7 @@ class ActionExecutor:
         command = await anyio.to_thread.run_sync(
             load_message, self._store, Digest.from_proto(action.command_digest), re_pb2.Command
         )
-        if not command.arguments:
-            raise InvalidArgument("the Command has no arguments")
+        check_command(command)
         timeout_s = action_timeout_s(action, self._settings)
         platform = resolve_platform(action, command, self._settings)
         metadata.input_fetch_start_timestamp.CopyFrom(now())
@@ -219,16 +246,25 @@ class ActionExecutor:
 
     def _lease_function(
         self, platform: ExecutionPlatform, key: PoolKey
-    ) -> tuple[Callable[[], Awaitable[Sidecar]], Callable[[Sidecar, bool], Awaitable[None]], int]:
-        """How to get and give back a sidecar, and how many actions share one at once."""
+    ) -> Callable[[], Awaitable[tuple[Sidecar, Release]]]:
+        """How to get a sidecar, and how to give that one back. The pool is looked up on every
+        attempt: upkeep forgets an empty pool, and a retry must not lease from a pool no one
+        maintains any more."""
         if platform.reuse_sidecar:
-            pool = self._pools.pool_for(key, platform.image)
-            return pool.lease, pool.release, pool.actions_per_sidecar
+
+            async def lease() -> tuple[Sidecar, Release]:
+                pool = self._pools.pool_for(key, platform.image)
+                return await pool.lease(), pool.release
+
+            return lease
 
         async def destroy(sidecar: Sidecar, reusable: bool) -> None:
             await self._pools.destroy(sidecar)
 
-        return functools.partial(self._pools.create, key), destroy, 1
+        async def create() -> tuple[Sidecar, Release]:
+            return await self._pools.create(key), destroy
+
+        return create
 
     async def _run(
         self,
@@ -243,12 +279,17 @@ class ActionExecutor:
     ) -> RunOutcome:
         """Runs the command in a leased (or, for sidecar-reuse=false, a fresh) sidecar. A sidecar
         found gone or stopped before the exec started is replaced once."""
-        lease, release, sharing = self._lease_function(platform, key)
+        lease = self._lease_function(platform, key)
+        sharing = (
+            self._pools.pool_for(key, platform.image).actions_per_sidecar
+            if platform.reuse_sidecar
+            else 1
+        )
         attempts = 0
         while True:
             attempts += 1
             try:
-                sidecar = await self._patiently(lease, cancelled)
+                sidecar, release = await self._patiently(lease, cancelled)
             except RuntimeUnavailable as error:
                 raise Unavailable(f"cannot create a sidecar: {error}") from None
             except ContainerRuntimeError as error:
@@ -315,7 +356,9 @@ class ActionExecutor:
             timeout_ms=max(int(timeout_s * 1000), 1),
             working_dir=working_dir,
             argv=tuple(command.arguments),
-            scrub=not platform.runs_as_root,
+            # Scratch places are shared by every action in a sidecar: emptied only when this
+            # action had the sidecar to itself (actions_per_sidecar 1, the default).
+            scrub=not platform.runs_as_root and sharing == 1,
             exclusive=sharing == 1,
         )
         metadata.execution_start_timestamp.CopyFrom(now())
@@ -325,8 +368,10 @@ class ActionExecutor:
         )
         metadata.execution_completed_timestamp.CopyFrom(now())
         response.result.exit_code = outcome.exit_code
-        if not outcome.sidecar_reusable:
-            # Outputs are read only once no process of the action can still run.
+        if not outcome.sidecar_reusable and (sharing == 1 or not outcome.tree_killed):
+            # Outputs are read only once no process of the action can still run. In a shared
+            # sidecar the runner's own whole-tree kill is enough when it reported one, so the
+            # neighbours keep running; the sidecar then retires once they are done.
             try:
                 await self._pools.stop(sidecar)
             except ContainerRuntimeError as error:

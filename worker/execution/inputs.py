@@ -165,6 +165,8 @@ def check_relative_path(path: str, what: str) -> None:
     parts = path.split("/")
     if not path or path.startswith("/") or any(p in ("", ".", "..") for p in parts):
         raise InvalidArgument(f"{what} {path!r} must be relative, without '.', '..' or '//'")
+    if "\0" in path:
+        raise InvalidArgument(f"{what} {path[:100]!r} holds a NUL byte")
 
 
 def declared_outputs(command: re_pb2.Command) -> list[str]:

@@ -77,7 +77,8 @@ def ingest_open_file(
         if info.st_size == 0:
             return EMPTY_DIGEST
         budget.charge(info.st_size, what)
-        return store.ingest_fd(fd, what)
+        # No more than was charged, even if something still writes to it.
+        return store.ingest_fd(fd, what, max_bytes=info.st_size)
 
 
 @dataclass

@@ -25,11 +25,13 @@ from worker.handles import (
 from worker.pool.sidecar_pool import Sidecar
 from worker.runner_contract import (
     CONTROL,
+    ENVIRONMENT,
     REPORT,
     ActionDir,
     RunnerReport,
     RunRequest,
     cancel_argv,
+    environment_entries,
     parse_report,
 )
 from worker.runtime.exec_waiter import ExecWaiter
@@ -85,6 +87,11 @@ class RunOutcome:
         return 0
 
     @property
+    def tree_killed(self) -> bool:
+        """The runner reported that it killed and reaped the action's whole process tree."""
+        return self.kind in ("exited", "signaled", "timeout", "cancelled") and self.code >= 0
+
+    @property
     def sidecar_reusable(self) -> bool:
         """Only a sidecar whose action ended by itself, not by the OOM killer, and that the
         runner confirmed clean, is reused."""
@@ -129,8 +136,29 @@ def read_report(action: ActionDir) -> RunnerReport | None | str:
     return report if report is not None else "the report is malformed"
 
 
+def write_environment(action: ActionDir, env: dict[str, str]) -> None:
+    """CONTROL_DIR/env for `run` (sidecar/README.md): NUL-terminated NAME=value entries."""
+    with (
+        opened(open_trusted_dir(action.sidecar_dir)) as sidecar_fd,
+        opened(open_dir_at(sidecar_fd, action.name)) as action_fd,
+        opened(open_dir_at(action_fd, CONTROL)) as control_fd,
+    ):
+        fd = os.open(
+            ENVIRONMENT,
+            os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+            0o600,
+            dir_fd=control_fd,
+        )
+        with os.fdopen(fd, "wb") as file:
+            file.write(environment_entries(env))
+
+
 def judge(
-    report: RunnerReport | None | str, exec_exit: int | None, uid: int, gid: int = 65534
+    report: RunnerReport | None | str,
+    exec_exit: int | None,
+    uid: int,
+    gid: int = 65534,
+    scrub_expected: bool = True,
 ) -> RunOutcome:
     """Turns the report into an outcome; anything doubtful is `lost` (the sidecar goes)."""
     if report is None:
@@ -145,7 +173,8 @@ def judge(
             code=exec_exit,
             detail=f"the runner's exit code {exec_exit} contradicts its report",
         )
-    clean = report.survivors == 0 and report.scrubbed and uid != 0 and gid != 0
+    scrubbed = report.scrubbed or not scrub_expected
+    clean = report.survivors == 0 and scrubbed and uid != 0 and gid != 0
     if report.survivors:
         log.warning("%d process(es) of uid %d outlived their action", report.survivors, uid)
     return RunOutcome(
@@ -202,7 +231,10 @@ class SidecarRun:
     ) -> RunOutcome:
         """Raises ContainerGone/ContainerNotRunning if the exec could not start (the caller may
         retry in another sidecar); otherwise returns how the action ended."""
-        exec_id = await self._start(sidecar, ExecSpec(request.runner_argv(), env=env, user="0:0"))
+        # The action's variables go in a root-only file, not in the root runner's own
+        # environment (a client's GLIBC_TUNABLES must never reach its libc).
+        await anyio.to_thread.run_sync(write_environment, action, env)
+        exec_id = await self._start(sidecar, ExecSpec(request.runner_argv(), user="0:0"))
         finished = asyncio.ensure_future(self._waiter.wait(exec_id))
         ended = await wait_or_cancel(
             finished, cancelled, timeout_s, functools.partial(self._cancel, sidecar, action)
@@ -210,10 +242,10 @@ class SidecarRun:
         if not ended:
             log.warning("runner in sidecar %s did not end; giving the sidecar up", sidecar.short_id)
             if cancelled.is_set():
-                return RunOutcome(kind="cancelled", code=signal.SIGTERM, detail="runner lost")
+                return RunOutcome(kind="cancelled", code=-1, detail="runner lost")
             return RunOutcome(kind="timeout", code=-1, detail="the runner did not end in time")
         report = await anyio.to_thread.run_sync(read_report, action)
-        return judge(report, finished.result(), request.uid, request.gid)
+        return judge(report, finished.result(), request.uid, request.gid, request.scrub)
 
     async def _start(self, sidecar: Sidecar, spec: ExecSpec) -> str:
         """Starts the exec. A sidecar that died as the exec started makes the daemon answer

@@ -104,6 +104,7 @@ class SidecarPools:
         # Dispatch `agent`: one root-only directory per sidecar for its agent's socket.
         self._agents_dir = sidecars_dir.parent / "agents"
         self._agents_dir.mkdir(mode=0o700, exist_ok=True)
+        os.chmod(self._agents_dir, 0o700)
         self._runner_dir = runner_dir
         self._limiter = limiter
         self._maintain_interval_s = maintain_interval_s
@@ -172,7 +173,8 @@ class SidecarPools:
             self._undestroyed.remove(sidecar)
             await self.destroy(sidecar)
         for key, pool in list(self._pools.items()):
-            await pool.maintain(self._is_alive)
+            room = max(self._settings.max_sidecars_total - self._live, 0)
+            await pool.maintain(self._is_alive, may_create=room)
             if pool.is_empty and pool.settings.min_idle == 0:
                 del self._pools[key]  # Many images or users over time must not pile up.
 

@@ -210,9 +210,12 @@ class SidecarPool:
             task.add_done_callback(self._background.discard)
             self._changed.notify_all()
 
-    async def maintain(self, is_alive: Callable[[Sidecar], Awaitable[bool]]) -> None:
+    async def maintain(
+        self, is_alive: Callable[[Sidecar], Awaitable[bool]], may_create: int | None = None
+    ) -> None:
         """Sheds idle sidecars past idle_ttl_s (keeping min_idle), drops dead or worn-out idle
-        ones, and creates sidecars until min_idle are idle."""
+        ones, and creates sidecars until min_idle are idle (at most `may_create` of them: the
+        worker's room under its total, so pre-warming never waits or evicts)."""
         now = self._clock()
         async with self._changed:
             idle = [s for s in self._sidecars if s.active == 0]
@@ -242,6 +245,8 @@ class SidecarPool:
             missing = min(
                 missing, self.settings.max_sidecars - len(self._sidecars) - self._creating
             )
+            if may_create is not None:
+                missing = min(missing, may_create)
             self._creating += max(missing, 0)
         for _ in range(max(missing, 0)):
             try:
@@ -250,6 +255,7 @@ class SidecarPool:
                 log.warning("could not pre-warm a sidecar of %s: %s", self.key.image_id[:19], error)
                 async with self._changed:
                     self._creating -= 1
+                    self._changed.notify_all()  # a lease waiting for room may go ahead now
                 continue
             async with self._changed:
                 self._creating -= 1
