@@ -413,15 +413,27 @@ struct ending {
 
 /* The forked child: becomes the action, or exits with run's set-up codes and a message in
  * its stderr. `mask` is the signal mask the runner had before it blocked its own. */
+/*
+ * Every signal back to its default action, through the system call itself: libc refuses the
+ * signals it reserves for its own use (32 and 33), yet an ignored one of those would be
+ * inherited too. SIG_DFL is 0, so an all-zero kernel sigaction means "default, no flags, no
+ * mask" whatever the architecture's layout of the structure.
+ */
+static void reset_signal_dispositions(void) {
+    unsigned long defaults[4] = {0, 0, 0, 0};
+    for (int sig = 1; sig <= 64; sig++) {
+        if (sig != SIGKILL && sig != SIGSTOP)
+            syscall(SYS_rt_sigaction, sig, defaults, NULL, sizeof(unsigned long));
+    }
+}
+
 static _Noreturn void start_action(const struct action *a, int out, int err,
                                    const sigset_t *mask) {
     sigprocmask(SIG_SETMASK, mask, NULL);
     /* An ignored signal stays ignored across exec. The agent ignores SIGPIPE and SIGCHLD, and
      * whoever started the runner may have ignored others (a shell ignores SIGINT and SIGQUIT
      * for background jobs); an action under `docker exec` starts with none ignored. */
-    for (int sig = 1; sig < NSIG; sig++) {
-        if (sig != SIGKILL && sig != SIGSTOP) signal(sig, SIG_DFL);
-    }
+    reset_signal_dispositions();
     setsid();
     int null_fd = open("/dev/null", O_RDONLY);
     if (null_fd > 0) { /* 0 already if the runner had no stdin */

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -145,3 +146,27 @@ def test_a_malformed_environment_file_runs_nothing(tmp_path: Path) -> None:
     assert result.returncode == 125
     assert b"env is not a list" in result.stderr
     assert not (tmp_path / "control" / "stdout").exists()
+
+
+# Ignores signal 33 with the system call (libc keeps 32 and 33 for itself and will not touch
+# them), then becomes the runner: an ignored disposition survives exec.
+IGNORE_33_THEN_EXEC = """
+import ctypes, os, sys
+sigaction = (ctypes.c_ulong * 4)(1, 0, 0, 0)  # SIG_IGN
+assert ctypes.CDLL(None).syscall(13, 33, sigaction, None, 8) == 0  # rt_sigaction, x86-64
+os.execv(sys.argv[1], sys.argv[1:])
+"""
+
+
+@pytest.mark.skipif(os.uname().machine != "x86_64", reason="uses x86-64's rt_sigaction number")
+def test_the_action_starts_with_no_signal_ignored_whatever_the_runner_inherited(
+    tmp_path: Path,
+) -> None:
+    """As under `docker exec`; a long test run once left signal 33 ignored in the process
+    that started the runner, and the action inherited it."""
+    argv = runner_argv(tmp_path, "sh", "-c", "grep SigIgn /proc/self/status")
+    result = subprocess.run(
+        [sys.executable, "-c", IGNORE_33_THEN_EXEC, *argv], capture_output=True, timeout=30
+    )
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "control" / "stdout").read_bytes() == b"SigIgn:\t0000000000000000\n"
