@@ -169,9 +169,15 @@ class ServiceProcess:
             self.log.append(line)
 
     def kill(self) -> None:
+        """Stops the service as an operator would (SIGTERM: it removes its sidecars), and
+        SIGKILLs it only if that does not end it."""
         self.channel.close()
         if self.process.poll() is None:
-            self.process.kill()
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
         self.process.wait(timeout=30)
         self._reader.join(timeout=10)
         assert self.process.stderr is not None
