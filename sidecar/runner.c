@@ -134,16 +134,23 @@ static void write_report(const struct report *r) {
     }
 }
 
-/* Reads /proc/PID/stat: the parent PID of a live process; -1 if it is gone or a zombie. */
-static pid_t parent_of(pid_t pid) {
-    char path[64], buf[512];
-    snprintf(path, sizeof path, "/proc/%d/stat", (int)pid);
+/* Reads /proc/PID/NAME into buf (NUL-terminated); false if the process is gone. */
+static int read_proc(pid_t pid, const char *name, char *buf, size_t size) {
+    char path[64];
+    snprintf(path, sizeof path, "/proc/%d/%s", (int)pid, name);
     int fd = open(path, O_RDONLY | O_CLOEXEC);
-    if (fd < 0) return -1;
-    ssize_t n = read(fd, buf, sizeof buf - 1);
+    if (fd < 0) return 0;
+    ssize_t n = read(fd, buf, size - 1);
     close(fd);
-    if (n <= 0) return -1;
+    if (n <= 0) return 0;
     buf[n] = '\0';
+    return 1;
+}
+
+/* The parent PID of a live process, from /proc/PID/stat; -1 if it is gone or a zombie. */
+static pid_t parent_of(pid_t pid) {
+    char buf[512];
+    if (!read_proc(pid, "stat", buf, sizeof buf)) return -1;
     /* The command name may hold spaces and parentheses: parse after the last ')'. */
     char *end = strrchr(buf, ')');
     if (!end) return -1;
@@ -155,14 +162,8 @@ static pid_t parent_of(pid_t pid) {
 
 /* The real uid of a live process, from /proc/PID/status; -1 if unknown. */
 static long uid_of(pid_t pid) {
-    char path[64], buf[4096];
-    snprintf(path, sizeof path, "/proc/%d/status", (int)pid);
-    int fd = open(path, O_RDONLY | O_CLOEXEC);
-    if (fd < 0) return -1;
-    ssize_t n = read(fd, buf, sizeof buf - 1);
-    close(fd);
-    if (n <= 0) return -1;
-    buf[n] = '\0';
+    char buf[4096];
+    if (!read_proc(pid, "status", buf, sizeof buf)) return -1;
     char *line = strstr(buf, "\nUid:");
     if (!line) return -1;
     char *state = strstr(buf, "\nState:");

@@ -32,6 +32,16 @@ def dockerd_pid() -> int | None:
     return int(pids[0]) if len(pids) == 1 else None
 
 
+def stop_dockerd() -> None:
+    """SIGTERM to the daemon, then wait until it is gone (ensure-dockerd.sh starts it again)."""
+    pid = dockerd_pid()
+    assert pid is not None
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + 60
+    while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+
+
 @pytest.mark.skipif(
     os.geteuid() != 0 or shutil.which("pidof") is None or dockerd_pid() is None,
     reason="needs root and a dockerd this test may restart (make test starts one)",
@@ -43,12 +53,7 @@ def test_daemon_restart_gives_unavailable_then_recovers(exec_service: RunningSer
     assert stdout_of(exec_service.channel, first) == b"hello\n"
     spec.salt = b"second"  # later runs are new actions, not cache hits
 
-    pid = dockerd_pid()
-    assert pid is not None
-    os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + 60
-    while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
-        time.sleep(0.2)
+    stop_dockerd()
     try:
         began = time.monotonic()
         down = run(exec_service.channel, spec)
@@ -100,12 +105,7 @@ def test_daemon_restart_under_load_fails_running_actions_and_runs_waiting_ones(
     running = threading.Thread(target=submit, args=("running", ["sleep", "60"]))
     running.start()
     time.sleep(2)  # it runs now
-    pid = dockerd_pid()
-    assert pid is not None
-    os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + 60
-    while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
-        time.sleep(0.2)
+    stop_dockerd()
     try:
         waiting = threading.Thread(target=submit, args=("waiting", ["echo", "after"]))
         waiting.start()

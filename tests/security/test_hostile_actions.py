@@ -429,3 +429,26 @@ def test_a_command_no_process_can_start_with_is_invalid_and_costs_no_sidecar(
     execution = attacked.service.execution
     assert execution is not None
     assert all(pool.stats.created == 0 for pool in execution.pools.pools)
+
+
+def test_a_root_action_that_replaces_its_agent_socket_reaches_nothing(
+    root_allowed: RunningService, canary: Canary, dispatch: str
+) -> None:
+    """A root action can write its sidecar's agent directory (dispatch agent). It swaps the
+    socket for links to the host's Docker socket and to the canary, and plants a listener of
+    its own: the sidecar serves no second action (single-use), the worker never sends anything
+    to what it did not verify, and the host is untouched."""
+    tamper = (
+        "d=/.sidecar-agent; [ -d $d ] || { echo no-agent; exit 0; };"
+        f" rm -f $d/agent.sock; ln -s /var/run/docker.sock $d/agent.sock; ln -s {canary.path}"
+        " $d/secret; (nc -lk -s 0 -U $d/fake.sock >/dev/null 2>&1 &); echo swapped"
+    )
+    first = run(root_allowed.channel, hostile(tamper, action_platform=ROOT_PLATFORM))
+    assert first.status.code == OK, first.status
+    expected = b"swapped\n" if dispatch == "agent" else b"no-agent\n"
+    assert stdout_of(root_allowed.channel, first) == expected
+    after = run(root_allowed.channel, hostile("echo next", action_platform=ROOT_PLATFORM))
+    assert stdout_of(root_allowed.channel, after) == b"next\n"
+    assert pool_of(root_allowed).stats.created == 2  # the tampered sidecar was not reused
+    canary.assert_untouched()
+    assert_cas_intact(root_allowed, canary)

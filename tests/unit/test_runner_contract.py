@@ -9,6 +9,21 @@ import pytest
 from worker.execution.sidecar_run import judge
 from worker.runner_contract import RunRequest, parse_report
 
+
+def as_user(uid: int) -> RunRequest:
+    """A request as the executor makes it for a sidecar running one action at a time."""
+    return RunRequest(
+        control_dir=Path("/c"),
+        uid=uid,
+        gid=uid,
+        timeout_ms=1000,
+        working_dir=Path("/w"),
+        argv=("true",),
+        scrub=uid != 0,
+        exclusive=True,
+    )
+
+
 GOOD = "outcome=exited\ncode=3\nstrays_killed=1\nsurvivors=0\noom_kills=0\nscrubbed=1\n"
 
 
@@ -69,22 +84,28 @@ def test_anything_else_is_not_a_report(text: str) -> None:
 
 def test_reuse_needs_a_clean_report_that_agrees_with_the_exec() -> None:
     report = parse_report(GOOD)
-    assert judge(report, 3, uid=65534).sidecar_reusable
+    assert judge(report, 3, as_user(65534)).sidecar_reusable
     # The exec's exit code contradicts the report: not written by a runner that finished.
-    contradicted = judge(report, 0, uid=65534)
+    contradicted = judge(report, 0, as_user(65534))
     assert contradicted.kind == "lost" and not contradicted.sidecar_reusable
     # Survivors, an unscrubbed sidecar, or root: the sidecar goes.
-    assert not judge(parse_report(GOOD.replace("survivors=0", "survivors=2")), 3, 65534).clean
-    assert not judge(parse_report(GOOD.replace("scrubbed=1", "scrubbed=0")), 3, 65534).clean
-    assert not judge(report, 3, uid=0).sidecar_reusable
+    assert not judge(
+        parse_report(GOOD.replace("survivors=0", "survivors=2")), 3, as_user(65534)
+    ).clean
+    assert not judge(
+        parse_report(GOOD.replace("scrubbed=1", "scrubbed=0")), 3, as_user(65534)
+    ).clean
+    assert not judge(report, 3, as_user(0)).sidecar_reusable
 
 
 def test_missing_or_malformed_reports_lose_the_sidecar() -> None:
-    assert judge(None, 137, uid=65534).kind == "lost"
-    forged = judge("the report is malformed", 0, uid=65534)
+    assert judge(None, 137, as_user(65534)).kind == "lost"
+    forged = judge("the report is malformed", 0, as_user(65534))
     assert forged.kind == "lost" and "malformed" in forged.detail
 
 
 def test_killed_actions_report_128_plus_sigkill() -> None:
-    timeout = judge(parse_report(GOOD.replace("exited", "timeout").replace("=3", "=124")), 124, 1)
+    timeout = judge(
+        parse_report(GOOD.replace("exited", "timeout").replace("=3", "=124")), 124, as_user(1)
+    )
     assert (timeout.kind, timeout.exit_code) == ("timeout", 137)

@@ -116,7 +116,7 @@ class AgentRun:
         if code < 0:
             return RunOutcome(kind="timeout", code=-1, detail="the agent did not answer in time")
         report = await anyio.to_thread.run_sync(read_report, action)
-        return judge(report, code, request.uid, request.gid, request.scrub)
+        return judge(report, code, request)
 
     @staticmethod
     async def _wait(

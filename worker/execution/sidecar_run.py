@@ -154,11 +154,7 @@ def write_environment(action: ActionDir, env: dict[str, str]) -> None:
 
 
 def judge(
-    report: RunnerReport | None | str,
-    exec_exit: int | None,
-    uid: int,
-    gid: int = 65534,
-    scrub_expected: bool = True,
+    report: RunnerReport | None | str, exec_exit: int | None, request: RunRequest
 ) -> RunOutcome:
     """Turns the report into an outcome; anything doubtful is `lost` (the sidecar goes)."""
     if report is None:
@@ -173,10 +169,10 @@ def judge(
             code=exec_exit,
             detail=f"the runner's exit code {exec_exit} contradicts its report",
         )
-    scrubbed = report.scrubbed or not scrub_expected
-    clean = report.survivors == 0 and scrubbed and uid != 0 and gid != 0
+    scrubbed = report.scrubbed or not request.scrub
+    clean = report.survivors == 0 and scrubbed and request.uid != 0 and request.gid != 0
     if report.survivors:
-        log.warning("%d process(es) of uid %d outlived their action", report.survivors, uid)
+        log.warning("%d process(es) of uid %d outlived their action", report.survivors, request.uid)
     return RunOutcome(
         kind=report.outcome,
         code=report.code,
@@ -245,7 +241,7 @@ class SidecarRun:
                 return RunOutcome(kind="cancelled", code=-1, detail="runner lost")
             return RunOutcome(kind="timeout", code=-1, detail="the runner did not end in time")
         report = await anyio.to_thread.run_sync(read_report, action)
-        return judge(report, finished.result(), request.uid, request.gid, request.scrub)
+        return judge(report, finished.result(), request)
 
     async def _start(self, sidecar: Sidecar, spec: ExecSpec) -> str:
         """Starts the exec. A sidecar that died as the exec started makes the daemon answer
