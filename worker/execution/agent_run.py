@@ -14,6 +14,7 @@ import contextlib
 import logging
 import os
 import socket
+from dataclasses import dataclass
 from pathlib import Path
 
 import anyio
@@ -29,6 +30,9 @@ log = logging.getLogger(__name__)
 # A live agent greets and acknowledges within microseconds; a stopped one (SIGSTOP) still has
 # its socket accept connections, so silence past this means the sidecar is given up.
 ACK_DEADLINE_S = 5.0
+# An agent's handler waits 5 s for the request after its greeting (sidecar/runner.c,
+# AGENT_REQUEST_DEADLINE_MS); a connection made before staging is used only if younger.
+FRESH_CONNECTION_S = 2.0
 
 
 async def connect_agent(
@@ -69,8 +73,50 @@ async def _open(socket_path: Path) -> tuple[asyncio.StreamReader, asyncio.Stream
     return await asyncio.open_unix_connection(sock=sock)
 
 
+@dataclass
+class AgentConnection:
+    reader: asyncio.StreamReader
+    writer: asyncio.StreamWriter
+    opened_at: float
+
+
 class AgentRun:
     """Runs an action through a sidecar's agent; the same contract as SidecarRun.run."""
+
+    def connect_soon(self, sidecar: Sidecar) -> asyncio.Task[AgentConnection]:
+        """Starts connecting to the sidecar's agent, so that the greeting overlaps staging;
+        give the task to run(), or to abandon() if the action will not run."""
+        assert sidecar.agent_socket is not None
+        return asyncio.ensure_future(self._connect(sidecar.agent_socket, sidecar.agent_secret))
+
+    @staticmethod
+    async def _connect(socket_path: Path, secret: str) -> AgentConnection:
+        reader, writer = await connect_agent(socket_path, secret)
+        return AgentConnection(reader, writer, asyncio.get_running_loop().time())
+
+    @staticmethod
+    def abandon(connecting: asyncio.Task[AgentConnection]) -> None:
+        """Drops a connection that connect_soon() started, whether or not it was made."""
+
+        def close(task: asyncio.Task[AgentConnection]) -> None:
+            if not task.cancelled() and task.exception() is None:
+                task.result().writer.close()
+
+        connecting.cancel()
+        connecting.add_done_callback(close)
+
+    async def _connection(
+        self, sidecar: Sidecar, connecting: asyncio.Task[AgentConnection] | None
+    ) -> AgentConnection:
+        """The connection started early, unless it has sat so long that the agent's handler
+        may have stopped waiting for the request; then a new one."""
+        if connecting is not None:
+            made = await connecting
+            if asyncio.get_running_loop().time() - made.opened_at < FRESH_CONNECTION_S:
+                return made
+            made.writer.close()
+        assert sidecar.agent_socket is not None
+        return await self._connect(sidecar.agent_socket, sidecar.agent_secret)
 
     async def run(
         self,
@@ -80,11 +126,12 @@ class AgentRun:
         env: dict[str, str],
         timeout_s: float,
         cancelled: asyncio.Event,
+        connecting: asyncio.Task[AgentConnection] | None = None,
     ) -> RunOutcome:
         """Raises ContainerNotRunning if the agent cannot take the action (the caller may
         retry in another sidecar); otherwise returns how the action ended."""
-        assert sidecar.agent_socket is not None
-        reader, writer = await connect_agent(sidecar.agent_socket, sidecar.agent_secret)
+        connection = await self._connection(sidecar, connecting)
+        reader, writer = connection.reader, connection.writer
         try:
             writer.write(request.agent_message(env))
             await writer.drain()

@@ -9,6 +9,7 @@ import logging
 import os
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
@@ -80,6 +81,18 @@ def now() -> timestamp_pb2.Timestamp:
 M = TypeVar("M", re_pb2.Action, re_pb2.Command)
 T = TypeVar("T")
 Release = Callable[[Sidecar, bool], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class Loaded:
+    """An action read and checked, before anything is leased or created for it."""
+
+    action: re_pb2.Action
+    command: re_pb2.Command
+    timeout_s: float
+    platform: ExecutionPlatform
+    tree: InputTree
+
 
 # Room for the paths and numbers of a request within the agent's limit.
 MAX_COMMAND_BYTES = MAX_AGENT_REQUEST_BYTES - 64 * 1024
@@ -183,10 +196,11 @@ class ActionExecutor:
         response = re_pb2.ExecuteResponse()
         action: re_pb2.Action | None = None
         try:
-            action = await anyio.to_thread.run_sync(
-                load_message, self._store, action_digest, re_pb2.Action
-            )
-            await self._execute(action, metadata, cancelled, response)
+            # Action, Command and the input tree are read in one hand-off to a thread: each
+            # hand-off costs more than reading a small blob.
+            loaded = await anyio.to_thread.run_sync(self._load, action_digest, metadata)
+            action = loaded.action
+            await self._execute(loaded, metadata, cancelled, response)
         except Cancelled:
             raise
         except ServiceError as error:
@@ -195,37 +209,48 @@ class ActionExecutor:
         response.result.execution_metadata.CopyFrom(metadata)
         return response, action
 
-    async def _execute(
-        self,
-        action: re_pb2.Action,
-        metadata: re_pb2.ExecutedActionMetadata,
-        cancelled: asyncio.Event,
-        response: re_pb2.ExecuteResponse,
-    ) -> None:
-        command = await anyio.to_thread.run_sync(
-            load_message, self._store, Digest.from_proto(action.command_digest), re_pb2.Command
+    def _load(self, action_digest: Digest, metadata: re_pb2.ExecutedActionMetadata) -> Loaded:
+        """Reads and checks everything an action needs before a sidecar is leased (in a
+        thread): the Action, its Command, its platform and its whole input tree."""
+        action = load_message(self._store, action_digest, re_pb2.Action)
+        command = load_message(
+            self._store, Digest.from_proto(action.command_digest), re_pb2.Command
         )
         check_command(command)
         timeout_s = action_timeout_s(action, self._settings)
         platform = resolve_platform(action, command, self._settings)
         metadata.input_fetch_start_timestamp.CopyFrom(now())
-        tree = await anyio.to_thread.run_sync(
-            functools.partial(
-                load_input_tree,
-                self._directories,
-                self._store,
-                Digest.from_proto(action.input_root_digest),
-                max_depth=self._settings.max_input_depth,
-                max_entries=self._settings.max_input_entries,
-            )
+        tree = load_input_tree(
+            self._directories,
+            self._store,
+            Digest.from_proto(action.input_root_digest),
+            max_depth=self._settings.max_input_depth,
+            max_entries=self._settings.max_input_entries,
         )
         check_action_paths(tree, command)
+        return Loaded(action, command, timeout_s, platform, tree)
+
+    async def _execute(
+        self,
+        loaded: Loaded,
+        metadata: re_pb2.ExecutedActionMetadata,
+        cancelled: asyncio.Event,
+        response: re_pb2.ExecuteResponse,
+    ) -> None:
+        platform = loaded.platform
         # Pulls the image if needed; waits a while for a daemon that is away.
         key = await self._patiently(functools.partial(self._pools.key_for, platform), cancelled)
         outcome = await self._run(
-            platform, key, tree, command, timeout_s, cancelled, metadata, response
+            platform,
+            key,
+            loaded.tree,
+            loaded.command,
+            loaded.timeout_s,
+            cancelled,
+            metadata,
+            response,
         )
-        self._judge(outcome, timeout_s, response)
+        self._judge(outcome, loaded.timeout_s, response)
 
     # ------------------------------------------------------------------ steps
 
@@ -300,7 +325,7 @@ class ActionExecutor:
             action = ActionDir.new(sidecar.directory)
             reusable = False
             try:
-                outcome = await self._run_in(
+                outcome, reusable = await self._run_in(
                     sidecar,
                     action,
                     platform,
@@ -311,8 +336,8 @@ class ActionExecutor:
                     cancelled,
                     metadata,
                     response,
+                    reuse=not key.single_use,
                 )
-                reusable = outcome.sidecar_reusable and not key.single_use
                 return outcome
             except (ContainerGone, ContainerNotRunning) as error:
                 log.warning("sidecar %s unusable (%s)", sidecar.short_id, error)
@@ -326,9 +351,7 @@ class ActionExecutor:
                 raise FailedPrecondition(f"the Docker daemon refused: {error}") from None
             finally:
                 if reusable:
-                    reusable = await anyio.to_thread.run_sync(self._discard, action)
-                    if reusable:
-                        self._remove_later(action.name)
+                    self._remove_later(action.name)
                 await release(sidecar, reusable)
 
     async def _run_in(
@@ -343,11 +366,26 @@ class ActionExecutor:
         cancelled: asyncio.Event,
         metadata: re_pb2.ExecutedActionMetadata,
         response: re_pb2.ExecuteResponse,
-    ) -> RunOutcome:
-        working_dir = await anyio.to_thread.run_sync(self._stage, tree, command, platform, action)
-        metadata.input_fetch_completed_timestamp.CopyFrom(now())
-        if cancelled.is_set():
-            raise Cancelled("cancelled before it ran")
+        reuse: bool,
+    ) -> tuple[RunOutcome, bool]:
+        """Stages, runs and collects in `sidecar`; also says whether the sidecar may serve
+        again: the runner found it clean, `reuse` allows it, and this action's directory was
+        moved out of it."""
+        # The agent's greeting is awaited while the inputs are staged.
+        connecting = (
+            self._agent_run.connect_soon(sidecar) if sidecar.key.dispatch == "agent" else None
+        )
+        try:
+            working_dir = await anyio.to_thread.run_sync(
+                self._stage, tree, command, platform, action
+            )
+            metadata.input_fetch_completed_timestamp.CopyFrom(now())
+            if cancelled.is_set():
+                raise Cancelled("cancelled before it ran")
+        except BaseException:
+            if connecting is not None:
+                self._agent_run.abandon(connecting)
+            raise
 
         request = RunRequest(
             control_dir=action.control,
@@ -362,10 +400,15 @@ class ActionExecutor:
             exclusive=sharing == 1,
         )
         metadata.execution_start_timestamp.CopyFrom(now())
-        dispatch = self._agent_run if sidecar.key.dispatch == "agent" else self._sidecar_run
-        outcome = await dispatch.run(
-            sidecar, action, request, action_environment(command, action), timeout_s, cancelled
-        )
+        env = action_environment(command, action)
+        if connecting is not None:
+            outcome = await self._agent_run.run(
+                sidecar, action, request, env, timeout_s, cancelled, connecting
+            )
+        else:
+            outcome = await self._sidecar_run.run(
+                sidecar, action, request, env, timeout_s, cancelled
+            )
         metadata.execution_completed_timestamp.CopyFrom(now())
         response.result.exit_code = outcome.exit_code
         if not outcome.sidecar_reusable and (sharing == 1 or not outcome.tree_killed):
@@ -380,9 +423,23 @@ class ActionExecutor:
                     "collected safely"
                 ) from None
         metadata.output_upload_start_timestamp.CopyFrom(now())
-        await anyio.to_thread.run_sync(self._collect, command, action, response.result)
+        reusable = await anyio.to_thread.run_sync(
+            self._collect_and_clear,
+            command,
+            action,
+            response.result,
+            reuse and outcome.sidecar_reusable,
+        )
         metadata.output_upload_completed_timestamp.CopyFrom(now())
-        return outcome
+        return outcome, reusable
+
+    def _collect_and_clear(
+        self, command: re_pb2.Command, action: ActionDir, result: re_pb2.ActionResult, reuse: bool
+    ) -> bool:
+        """Collects the outputs, then (when the sidecar is to serve again) moves the action's
+        directory out of it, in one hand-off to a thread. True if the sidecar may serve again."""
+        self._collect(command, action, result)
+        return reuse and self._discard(action)
 
     def _stage(
         self,
