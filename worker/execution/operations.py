@@ -24,10 +24,15 @@ class OperationState:
     The server MUST NOT set the `error` field of the `Operation` proto"."""
 
     def __init__(
-        self, name: str, action_digest: Digest, clock: Callable[[], float] = time.monotonic
+        self,
+        name: str,
+        action_digest: Digest,
+        clock: Callable[[], float] = time.monotonic,
+        on_finish: Callable[[OperationState], None] | None = None,
     ) -> None:
         self.name = name
         self._clock = clock
+        self._on_finish = on_finish
         self.action_digest = action_digest
         self.stage: re_pb2.ExecutionStage.Value.ValueType = Stage.CACHE_CHECK
         self.response: re_pb2.ExecuteResponse | None = None
@@ -57,6 +62,8 @@ class OperationState:
             self.response = response
             self.finished_at = self._clock()
             self._notify()
+            if self._on_finish is not None:
+                self._on_finish(self)
 
     def finish_with_status(self, status: status_pb2.Status) -> None:
         """Ends the operation with an ExecuteResponse whose status is `status` (CANCELLED,
@@ -104,12 +111,20 @@ class OperationStore:
         self._max_done = max_done
         self._clock = clock
         self._operations: OrderedDict[str, OperationState] = OrderedDict()
+        # Finished operations in the order they finished: pruning looks only at the oldest.
+        self._done: OrderedDict[str, OperationState] = OrderedDict()
 
     def create(self, action_digest: Digest) -> OperationState:
         self._prune()
-        state = OperationState(f"operations/{uuid.uuid4()}", action_digest, self._clock)
+        state = OperationState(
+            f"operations/{uuid.uuid4()}", action_digest, self._clock, self._finished
+        )
         self._operations[state.name] = state
         return state
+
+    def _finished(self, state: OperationState) -> None:
+        if self._operations.get(state.name) is state:
+            self._done[state.name] = state
 
     def get(self, name: str) -> OperationState:
         state = self._operations.get(name)
@@ -120,6 +135,7 @@ class OperationStore:
     def delete(self, name: str) -> None:
         self.get(name)
         del self._operations[name]
+        self._done.pop(name, None)
 
     def page(self, page_size: int, page_token: str) -> tuple[list[OperationState], str]:
         """Operations in creation order, for an operator interface only: listing them on the
@@ -138,10 +154,17 @@ class OperationStore:
         return [self._operations[n] for n in chosen], following
 
     def _prune(self) -> None:
+        """Forgets finished operations older than keep_done_s, and the oldest ones beyond
+        max_done; constant time per operation, however many are kept."""
         cutoff = self._clock() - self._keep_done_s
-        done = [s for s in self._operations.values() if s.finished_at is not None]
-        excess = len(done) - self._max_done
-        for state in done:
-            if excess > 0 or (state.finished_at is not None and state.finished_at < cutoff):
-                del self._operations[state.name]
-                excess -= 1
+        while self._done:
+            name, oldest = next(iter(self._done.items()))
+            finished_at = oldest.finished_at
+            if (
+                len(self._done) <= self._max_done
+                and finished_at is not None
+                and finished_at >= cutoff
+            ):
+                return
+            del self._done[name]
+            self._operations.pop(name, None)
