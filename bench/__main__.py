@@ -95,6 +95,7 @@ def latencies(ch: grpc.Channel, f: dict[str, Any]) -> None:
             if round_ % 2 == 0:
                 fresh_samples += measure.execute_latencies(ch, fresh_action, 1, warmup=0).samples
                 lifecycle_samples += raw_docker.container_per_action_latencies(EXEC_IMAGE, 1)
+                measure.settle()
     floor = measure.Latencies(floor_samples)
     f["floor_p50_s"], f["floor_p90_s"] = floor.p50, floor.p90
     for mode in MODES:
@@ -162,6 +163,7 @@ def throughputs(address: str, f: dict[str, Any]) -> None:
             measure.throughput(address, image, 2 * c, c, f"{mode}-c{c}-warmup")
         rates: dict[str, list[float]] = {"exec": [], "agent": [], "raw": []}
         for trial in ("exec", "agent", "raw", "raw", "agent", "exec") * 2:
+            measure.settle()
             if trial == "raw":
                 with raw_docker.warm_containers(EXEC_IMAGE, c) as containers:
                     rates["raw"].append(raw_docker.exec_throughput(containers, 50))

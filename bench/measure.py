@@ -166,6 +166,26 @@ def busy_jiffies() -> int:
     return user + nice + system + irq + softirq + steal
 
 
+def settle(max_s: float = 3.0, busy_below: float = 0.25) -> None:
+    """Waits (at most max_s) until the machine is mostly idle over 100 ms: the Docker daemon
+    finishes tearing down containers and exec sessions in the background, and a block timed
+    during that would be charged for the block before it."""
+    deadline = time.monotonic() + max_s
+    while time.monotonic() < deadline:
+        before = _cpu_times()
+        time.sleep(0.1)
+        after = _cpu_times()
+        total = after[0] - before[0]
+        if total > 0 and (after[1] - before[1]) / total < busy_below:
+            return
+
+
+def _cpu_times() -> tuple[int, int]:
+    """(all ticks, busy ticks) of the whole machine."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    return sum(fields), busy_jiffies()
+
+
 def process_jiffies(pid: int) -> int:
     """User and system time of one process (all its threads), in clock ticks."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
