@@ -62,7 +62,7 @@ class PoolSettings(Section):
     memory_bytes: int | None = Field(None, ge=16 * MiB, description="memory limit of each sidecar")
     pids_limit: int | None = Field(4096, ge=16, description="process limit of each sidecar")
     dispatch: Literal["exec", "agent"] = Field(
-        "exec",
+        "agent",
         description="how actions start: a `docker exec` of the runner each, or a request to "
         "the agent that is the sidecar's main process",
     )

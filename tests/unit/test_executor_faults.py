@@ -140,7 +140,9 @@ async def worker(
             "max_timeout_s": 60,
             "pull_timeout_s": 10,
             "daemon_wait_s": daemon_wait_s,
-            "pool": {"max_sidecars": 2},
+            # The fake runtime models `docker exec` of the runner; the agent runs only in
+            # real sidecars (tests/integration/test_agent_dispatch.py).
+            "pool": {"max_sidecars": 2, "dispatch": "exec"},
         },
     )
     store = DiskBlobStore(settings.data_dir / "cas", 1 << 30)
