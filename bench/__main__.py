@@ -42,7 +42,7 @@ def service_config(extra_pools: dict[str, Any] | None = None) -> dict[str, Any]:
             # figure evicts the sidecars another one warmed.
             "max_sidecars_total": 40,
             "allowed_images": ["sidecar-test/*"],
-            "pool": {"max_sidecars": 8, "idle_ttl_s": 600},
+            "pool": {"max_sidecars": 8, "idle_ttl_s": 600, "dispatch": "exec"},
             "image_pools": extra_pools or {},
         },
     }
