@@ -427,22 +427,28 @@ def test_which_listen_addresses_need_authentication() -> None:
 
 
 @pytest.mark.parametrize(
-    ("tls", "auth", "named"),
+    ("tls", "auth", "named", "code"),
     [
-        ({}, {"token_file": "/nonexistent/tokens"}, "server.auth.token_file"),
-        ({"cert_file": "/nonexistent/c", "key_file": "/nonexistent/k"}, {}, "server.tls.cert_file"),
-        ({"cert_file": "SERVER_CERT", "key_file": "CLIENT_KEY"}, {}, "server.tls.key_file"),
+        ({}, {"token_file": "/nonexistent/tokens"}, "server.auth.token_file", 1),
+        (
+            {"cert_file": "/nonexistent/c", "key_file": "/nonexistent/k"},
+            {},
+            "server.tls.cert_file",
+            1,
+        ),
+        ({"cert_file": "SERVER_CERT", "key_file": "CLIENT_KEY"}, {}, "server.tls.key_file", 1),
         (
             {"cert_file": "SERVER_CERT", "key_file": "SERVER_KEY", "client_ca_file": "TOKENS"},
             {},
             "server.tls.client_ca_file",
+            1,
         ),
-        ({}, {"token_file": "SHORT_TOKENS"}, "server.auth.token_file"),
-        ({"key_file": "SERVER_KEY"}, {}, "server.tls.cert_file"),
+        ({}, {"token_file": "SHORT_TOKENS"}, "server.auth.token_file", 1),
+        ({"key_file": "SERVER_KEY"}, {}, "server.tls.cert_file", 2),  # a setting without its pair
     ],
 )
 def test_unusable_credential_files_stop_the_service_naming_the_setting(
-    tmp_path: Path, pki: Pki, tls: dict[str, str], auth: dict[str, str], named: str
+    tmp_path: Path, pki: Pki, tls: dict[str, str], auth: dict[str, str], named: str, code: int
 ) -> None:
     files = {
         "SERVER_CERT": pki.server.cert_file,
@@ -459,7 +465,7 @@ def test_unusable_credential_files_stop_the_service_naming_the_setting(
     if auth:
         server["auth"] = {k: str(files.get(v, v)) for k, v in auth.items()}
     result = serve({"server": server, "execution": {"enabled": False}}, tmp_path)
-    assert result.returncode in (1, 2), result.stderr
+    assert result.returncode == code, result.stderr
     assert named in result.stderr
     assert "Traceback" not in result.stderr
     assert "serving REAPI" not in result.stderr
