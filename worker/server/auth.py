@@ -77,20 +77,20 @@ class TokenFile:
         self.path = path
         self._stamp = _stamp(path)
         try:
-            text = path.read_text(encoding="utf-8", errors="replace")
+            self._digests = self._read()
         except OSError as error:
             raise CredentialsError(
                 f"{self.SETTING}: cannot read {path}: {error.strerror}"
             ) from None
-        self._digests = self._digest(parse_tokens(text, f"{self.SETTING} {path}"))
         if not self._digests:
             raise CredentialsError(
                 f"{self.SETTING}: {path} holds no valid token (one per line, at least "
                 f"{MIN_TOKEN_LENGTH} printable characters, no spaces)"
             )
 
-    @staticmethod
-    def _digest(tokens: list[bytes]) -> list[bytes]:
+    def _read(self) -> list[bytes]:
+        text = self.path.read_text(encoding="utf-8", errors="replace")
+        tokens = parse_tokens(text, f"{self.SETTING} {self.path}")
         return [hashlib.sha256(token).digest() for token in tokens]
 
     def _refresh(self) -> None:
@@ -99,19 +99,18 @@ class TokenFile:
             return
         self._stamp = stamp
         try:
-            text = self.path.read_text(encoding="utf-8", errors="replace")
+            self._digests = self._read()
         except OSError as error:
-            # Failing closed: a token that was revoked by replacing the file must not keep working
-            # because the new file is unreadable.
+            # Failing closed: a token revoked by replacing the file must not keep working
+            # because the new file cannot be read.
+            self._digests = []
             log.warning(
                 "%s %s cannot be read (%s): refusing every token",
                 self.SETTING,
                 self.path,
                 error.strerror,
             )
-            self._digests = []
             return
-        self._digests = self._digest(parse_tokens(text, f"{self.SETTING} {self.path}"))
         if self._digests:
             log.info("%s %s re-read: %d tokens", self.SETTING, self.path, len(self._digests))
         else:
