@@ -76,7 +76,8 @@ def test_sigterm_drains_finishes_what_fits_in_the_grace_and_reports_the_rest(
         short, long = start_execute(channel, short_action), start_execute(channel, long_action)
         until_executing(short)
         long_first = until_executing(long)
-        assert containers_of(worker_id_of(data_dir)) != []
+        # both sidecars exist, so both actions are about to run or running
+        wait_until(lambda: len(containers_of(worker_id_of(data_dir))) == 2)
 
         service.process.send_signal(signal.SIGTERM)
         wait_until(lambda: not serving(channel))
