@@ -82,70 +82,73 @@ def tls_startup_options(tmp_path: Path) -> list[str]:
     return [f"--host_jvm_args=-Djava.library.path=/usr/share/bazel/:{jni}"]
 
 
-def build(
-    tmp_path: Path,
-    name: str,
-    service: RunningService,
-    pki: Pki,
-    *,
-    client: bool = True,
-    token: str | None = TOKEN,
-    client_files: tuple[Path, Path] | None = None,
-) -> BazelRun:
-    workspace_root = tmp_path / name
-    workspace_root.mkdir()
-    workspace = make_workspace(workspace_root, BUILD, {"input.txt": "through tls\n"})
-    flags = [
-        f"--remote_executor=grpcs://{service.address}",
-        f"--tls_certificate={pki.server_ca.cert_file}",
-        f"--remote_default_exec_properties=container-image=docker://{IMAGE_A}",
-        "--shell_executable=/bin/sh",
-        "--remote_retries=0",
-    ]
-    if client:
-        cert, key = client_files or (pki.client.cert_file, pki.client.key_file)
-        flags += [f"--tls_client_certificate={cert}", f"--tls_client_key={key}"]
-    if token is not None:
-        flags.append(f"--remote_header=Authorization=Bearer {token}")
-    bazel = Bazel(workspace, workspace_root / "root", tls_startup_options(tmp_path))
-    try:
-        run = bazel.run("build", *flags, "//:hello")
+class TlsClient:
+    """One workspace and one Bazel server (the TLS startup option fixed), built with whatever
+    credentials each call gives."""
+
+    def __init__(self, tmp_path: Path, service: RunningService, pki: Pki) -> None:
+        self.service, self.pki = service, pki
+        root = tmp_path / "client"
+        root.mkdir()
+        self.workspace = make_workspace(root, BUILD, {"input.txt": "through tls\n"})
+        self.bazel = Bazel(self.workspace, root / "root", tls_startup_options(tmp_path))
+
+    def build(
+        self,
+        *,
+        client: bool = True,
+        token: str | None = TOKEN,
+        client_files: tuple[Path, Path] | None = None,
+    ) -> BazelRun:
+        flags = [
+            f"--remote_executor=grpcs://{self.service.address}",
+            f"--tls_certificate={self.pki.server_ca.cert_file}",
+            f"--remote_default_exec_properties=container-image=docker://{IMAGE_A}",
+            "--shell_executable=/bin/sh",
+            "--remote_retries=0",
+        ]
+        if client:
+            cert, key = client_files or (self.pki.client.cert_file, self.pki.client.key_file)
+            flags += [f"--tls_client_certificate={cert}", f"--tls_client_key={key}"]
+        if token is not None:
+            flags.append(f"--remote_header=Authorization=Bearer {token}")
+        run = self.bazel.run("build", *flags, "//:hello")
         if run.returncode == 0:
-            run.output += "\n@@ " + (workspace / "bazel-bin" / "hello.txt").read_text()
+            run.output += "\n@@ " + (self.workspace / "bazel-bin" / "hello.txt").read_text()
         return run
+
+
+@pytest.fixture
+def client(tmp_path: Path, secured_service: RunningService, pki: Pki) -> Iterator[TlsClient]:
+    tls_client = TlsClient(tmp_path, secured_service, pki)
+    try:
+        yield tls_client
     finally:
-        bazel.shutdown()
+        tls_client.bazel.shutdown()
 
 
-def test_bazel_builds_remotely_with_a_client_certificate_and_a_token(
-    secured_service: RunningService, pki: Pki, tmp_path: Path
-) -> None:
-    run = build(tmp_path, "ok", secured_service, pki)
+def test_bazel_builds_remotely_with_a_client_certificate_and_a_token(client: TlsClient) -> None:
+    run = client.build()
     assert run.returncode == 0, run.output
     assert run.process_counts().get("remote") == 1, run.output
     assert "@@ image-a\nthrough tls\n" in run.output
 
 
 def test_bazel_without_valid_credentials_is_turned_away(
-    secured_service: RunningService, pki: Pki, tmp_path: Path
+    client: TlsClient, secured_service: RunningService, pki: Pki, tmp_path: Path
 ) -> None:
     """No token and a wrong token: UNAUTHENTICATED, in Bazel's words. No client certificate,
     or an expired one: the TLS handshake fails. None of them runs anything."""
     expired = issue(tmp_path / "x", "expired", pki.client_ca, server=False, valid_days=(-9, -1))
     refused = {
-        "no token": build(tmp_path, "no-token", secured_service, pki, token=None),
-        "wrong token": build(tmp_path, "wrong", secured_service, pki, token="x" * 24),
-        "no certificate": build(tmp_path, "no-cert", secured_service, pki, client=False),
-        "expired certificate": build(
-            tmp_path,
-            "expired",
-            secured_service,
-            pki,
-            client_files=(expired.cert_file, expired.key_file),
-        ),
+        "no token": client.build(token=None),
+        "wrong token": client.build(token="x" * 24),
+        "no certificate": client.build(client=False),
+        "expired certificate": client.build(client_files=(expired.cert_file, expired.key_file)),
     }
     for case, run in refused.items():
         assert run.returncode != 0, (case, run.output)
+        assert "Failed to query remote execution capabilities" in run.output, (case, run.output)
         assert "remote" not in run.process_counts(), (case, run.output)
     for case in ("no token", "wrong token"):
         assert "UNAUTHENTICATED" in refused[case].output, refused[case].output
