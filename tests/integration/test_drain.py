@@ -78,6 +78,8 @@ def test_sigterm_drains_finishes_what_fits_in_the_grace_and_reports_the_rest(
         long_first = until_executing(long)
         # both sidecars exist, so both actions are about to run or running
         wait_until(lambda: len(containers_of(worker_id_of(data_dir))) == 2)
+        queued = start_execute(channel, upload_action(channel, shell_action("true", IMAGE_A)))
+        assert stage_of(next(queued)) == re_pb2.ExecutionStage.QUEUED  # both slots are busy
 
         service.process.send_signal(signal.SIGTERM)
         wait_until(lambda: not serving(channel))
@@ -93,6 +95,9 @@ def test_sigterm_drains_finishes_what_fits_in_the_grace_and_reports_the_rest(
             re_pb2.WaitExecutionRequest(name=long_first.name), timeout=120
         )
 
+        not_started = response_of(list(queued)[-1])
+        assert not_started.status.code == UNAVAILABLE.value[0]
+        assert "had not started" in not_started.status.message
         finished = response_of(list(short)[-1])
         assert finished.status.code == 0 and finished.result.exit_code == 0
         cut_short = [response_of(list(long)[-1]), response_of(list(waiting)[-1])]

@@ -38,6 +38,10 @@ SHUTDOWN_STATUS = status_pb2.Status(
     code=grpc.StatusCode.UNAVAILABLE.value[0],
     message="the worker shut down before the action finished; retry it",
 )
+NOT_STARTED_STATUS = status_pb2.Status(
+    code=grpc.StatusCode.UNAVAILABLE.value[0],
+    message="the worker is shutting down and the action had not started; retry it",
+)
 INTERNAL_STATUS = status_pb2.Status(
     code=grpc.StatusCode.INTERNAL.value[0], message="internal error in the execution service"
 )
@@ -90,7 +94,7 @@ class ExecutionService:
         self._closing = True
         queued = [state for _, _, state in self._queue if not state.done]
         for state in queued:
-            state.finish_with_status(SHUTDOWN_STATUS)
+            state.finish_with_status(NOT_STARTED_STATUS)
             self._forget(state)
         self._queue.clear()
         running = self._running()
