@@ -15,6 +15,8 @@ LISTEN   ?= 127.0.0.1:8980
 
 RUN_PACKAGES  := docker.io busybox-static curl
 TEST_PACKAGES := $(RUN_PACKAGES) bazel-bootstrap bazel-bootstrap-source
+# the OpenSSL provider Bazel needs for grpcs:// (Debian's netty has no JDK ALPN)
+TEST_PACKAGES += libnetty-tcnative-jni
 HOST := deploy/local
 
 .PHONY: run test check lint typecheck unit bench build host-run host-test clean

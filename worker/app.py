@@ -19,6 +19,12 @@ from worker.execution.wiring import ExecutionSide
 from worker.identity import claim_data_dir
 from worker.reapi import bs_grpc, bs_pb2, ops_grpc, ops_pb2, re_grpc, re_pb2
 from worker.server.action_cache import ActionCacheServicer
+from worker.server.auth import (
+    BearerTokenInterceptor,
+    CertificateFiles,
+    TokenFile,
+    log_protection,
+)
 from worker.server.bytestream import ByteStreamServicer
 from worker.server.capabilities import CapabilitiesServicer, server_capabilities
 from worker.server.cas import ContentAddressableStorageServicer
@@ -63,11 +69,18 @@ class Service:
     def _build(self, settings: Settings) -> None:
         self.storage = open_storage(settings)
         max_message = settings.server.max_message_bytes
+        interceptors: list[grpc.aio.ServerInterceptor] = []  # type: ignore[type-arg]
+        self._certificates = None
+        if settings.server.tls.enabled:
+            self._certificates = CertificateFiles(settings.server.tls)
+        if settings.server.auth.token_file is not None:
+            interceptors.append(BearerTokenInterceptor(TokenFile(settings.server.auth.token_file)))
         self.server = grpc.aio.server(
+            interceptors=interceptors,
             options=[
                 ("grpc.max_receive_message_length", max_message),
                 ("grpc.max_send_message_length", max_message),
-            ]
+            ],
         )
         self.port = 0
         self._health = HealthServicer()
@@ -124,7 +137,11 @@ class Service:
     async def start(self) -> None:
         if self.execution is not None:
             await self.execution.start()
-        self.port = self.server.add_insecure_port(self.settings.server.listen)
+        listen = self.settings.server.listen
+        if self._certificates is not None:
+            self.port = self.server.add_secure_port(listen, self._certificates.credentials())
+        else:
+            self.port = self.server.add_insecure_port(listen)
         if self.port == 0:
             raise OSError(f"cannot listen on {self.settings.server.listen}")
         await self.server.start()
@@ -132,6 +149,7 @@ class Service:
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
         host = self.settings.server.listen.rpartition(":")[0]
         log.info("serving REAPI v2 on %s:%d (data in %s)", host, self.port, self.settings.data_dir)
+        log_protection(self.settings.server)
 
     async def stop(self, grace_s: float | None = None) -> None:
         """Stops gracefully: health says NOT_SERVING, Execute is refused, queued actions end

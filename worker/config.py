@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
 from typing import Any, Literal
 
@@ -21,12 +22,63 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class TlsSettings(Section):
+    """TLS on the REAPI port, and client certificates (docs/AUTH.md)."""
+
+    cert_file: Path | None = Field(
+        None, description="PEM certificate chain; setting it enables TLS"
+    )
+    key_file: Path | None = Field(None, description="PEM private key of cert_file")
+    client_ca_file: Path | None = Field(
+        None, description="PEM CA certificates; when set, every client must show one they signed"
+    )
+
+    @property
+    def enabled(self) -> bool:
+        return self.cert_file is not None
+
+    @model_validator(mode="after")
+    def _complete(self) -> TlsSettings:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("server.tls.cert_file and server.tls.key_file go together")
+        if self.client_ca_file is not None and self.cert_file is None:
+            raise ValueError(
+                "server.tls.client_ca_file needs server.tls.cert_file and key_file: client "
+                "certificates are only checked over TLS"
+            )
+        return self
+
+
+class AuthSettings(Section):
+    """Bearer tokens every call but a health check must carry (docs/AUTH.md)."""
+
+    token_file: Path | None = Field(
+        None, description="tokens, one per line; re-read whenever the file changes"
+    )
+
+
+def is_loopback(listen: str) -> bool:
+    """Whether HOST:PORT can only be reached from this host (`localhost` counts)."""
+    host = listen.rpartition(":")[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 class ServerSettings(Section):
     listen: str = Field("127.0.0.1:8980", description="HOST:PORT to serve on; loopback by default")
     max_message_bytes: int = Field(16 * MiB, ge=MiB)
     worker_name: str = Field("", description="ExecutedActionMetadata.worker; the hostname if empty")
     shutdown_grace_s: float = Field(
         30, ge=0, description="on SIGTERM, how long running actions may take to finish"
+    )
+    tls: TlsSettings = TlsSettings()
+    auth: AuthSettings = AuthSettings()
+    allow_insecure: bool = Field(
+        False, description="serve a non-loopback listen address without authenticating clients"
     )
 
     @field_validator("listen")
@@ -36,6 +88,19 @@ class ServerSettings(Section):
         if not sep or not host or not port.isdigit() or int(port) > 65535:
             raise ValueError(f"{value!r} is not HOST:PORT")
         return value
+
+    @model_validator(mode="after")
+    def _exposed_port_authenticates(self) -> ServerSettings:
+        if is_loopback(self.listen) or self.allow_insecure:
+            return self
+        if self.auth.token_file is None and self.tls.client_ca_file is None:
+            raise ValueError(
+                f"server.listen {self.listen} is reachable from other hosts but no client "
+                "would be authenticated: set server.auth.token_file and/or "
+                "server.tls.client_ca_file (with server.tls.cert_file and key_file), or "
+                "server.allow_insecure: true to serve it unauthenticated on purpose"
+            )
+        return self
 
 
 class StorageSettings(Section):

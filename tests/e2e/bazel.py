@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,10 +43,13 @@ def make_workspace(root: Path, build: str, files: dict[str, str] | None = None) 
 class Bazel:
     """One Bazel client with its own output root, so tests never share a Bazel server."""
 
-    def __init__(self, workspace: Path, output_root: Path) -> None:
+    def __init__(
+        self, workspace: Path, output_root: Path, startup_options: Sequence[str] = ()
+    ) -> None:
         assert BAZEL is not None
         self.workspace = workspace
         self.output_root = output_root
+        self.startup_options = list(startup_options)
         self.home = output_root / "home"
         self.home.mkdir(parents=True, exist_ok=True)
 
@@ -55,6 +59,7 @@ class Bazel:
             BAZEL,
             f"--output_user_root={self.output_root}",
             "--max_idle_secs=10",
+            *self.startup_options,
             args[0],
             "--nosandbox_debug",
             *args[1:],
@@ -72,7 +77,7 @@ class Bazel:
     def shutdown(self) -> None:
         assert BAZEL is not None
         subprocess.run(
-            [BAZEL, f"--output_user_root={self.output_root}", "shutdown"],
+            [BAZEL, f"--output_user_root={self.output_root}", *self.startup_options, "shutdown"],
             cwd=self.workspace,
             env={"HOME": str(self.home), "PATH": "/usr/bin:/bin"},
             capture_output=True,

@@ -38,6 +38,10 @@ SHUTDOWN_STATUS = status_pb2.Status(
     code=grpc.StatusCode.UNAVAILABLE.value[0],
     message="the worker shut down before the action finished; retry it",
 )
+NOT_STARTED_STATUS = status_pb2.Status(
+    code=grpc.StatusCode.UNAVAILABLE.value[0],
+    message="the worker is shutting down and the action had not started; retry it",
+)
 INTERNAL_STATUS = status_pb2.Status(
     code=grpc.StatusCode.INTERNAL.value[0], message="internal error in the execution service"
 )
@@ -73,6 +77,7 @@ class ExecutionService:
         self._in_flight: dict[Digest, OperationState] = {}
         self._workers: list[asyncio.Task[None]] = []
         self._closing = False
+        self._shutdown_status = SHUTDOWN_STATUS
 
     @property
     def queue_length(self) -> int:
@@ -87,16 +92,40 @@ class ExecutionService:
         queued actions end with UNAVAILABLE at once (the client may retry them elsewhere), and
         running ones get up to `grace_s` to finish; close() then ends whatever is left."""
         self._closing = True
-        for _, _, state in self._queue:
-            if not state.done:
-                state.finish_with_status(SHUTDOWN_STATUS)
-                self._forget(state)
+        queued = [state for _, _, state in self._queue if not state.done]
+        for state in queued:
+            state.finish_with_status(NOT_STARTED_STATUS)
+            self._forget(state)
         self._queue.clear()
+        running = self._running()
+        log.info(
+            "draining: new executions are refused, %d queued actions ended UNAVAILABLE, "
+            "%d running ones get up to %g s (server.shutdown_grace_s)",
+            len(queued),
+            len(running),
+            grace_s,
+        )
         deadline = asyncio.get_running_loop().time() + grace_s
-        while any(not s.done for s in self._in_flight.values()):
-            if asyncio.get_running_loop().time() >= deadline:
-                break
+        while running and asyncio.get_running_loop().time() < deadline:
             await asyncio.sleep(0.05)
+            running = self._running()
+        if not running:
+            log.info("drained: every running action finished")
+            return
+        self._shutdown_status = status_pb2.Status(
+            code=grpc.StatusCode.UNAVAILABLE.value[0],
+            message=f"the worker shut down and the action did not finish within the "
+            f"{grace_s:g} s it was given (server.shutdown_grace_s); retry it",
+        )
+        log.warning(
+            "%d actions still running after %g s end UNAVAILABLE, actions %s",
+            len(running),
+            grace_s,
+            ", ".join(str(state.action_digest) for state in running),
+        )
+
+    def _running(self) -> list[OperationState]:
+        return [state for state in self._in_flight.values() if not state.done]
 
     async def close(self) -> None:
         """Stops running and queued actions. Every operation that did not finish ends with
@@ -114,7 +143,7 @@ class ExecutionService:
                 await worker
         self._queue.clear()
         for state in unfinished.values():
-            state.finish_with_status(SHUTDOWN_STATUS)
+            state.finish_with_status(self._shutdown_status)
         self._in_flight.clear()
 
     async def execute(
@@ -208,7 +237,7 @@ class ExecutionService:
             )
         except Cancelled as error:
             if self._closing:
-                state.finish_with_status(SHUTDOWN_STATUS)
+                state.finish_with_status(self._shutdown_status)
             else:
                 code = CANCELLED_STATUS.code
                 state.finish_with_status(status_pb2.Status(code=code, message=str(error)))
