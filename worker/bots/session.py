@@ -30,11 +30,11 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import grpc
 
-from worker.bots.leases import UNAVAILABLE, LeaseRunner
+from worker.bots.leases import UNAVAILABLE
 from worker.bots.offer import Offer
 from worker.bots.rwapi import bots_grpc, bots_pb2
 from worker.config import BotSettings
@@ -65,6 +65,17 @@ ROOM_PAUSE_S = 1.0
 GOODBYE_S = 10.0
 # Lease ids become part of a metadata key; anything else is not sent as one.
 _METADATA_SAFE = re.compile(r"[a-z0-9._-]{1,200}")
+
+
+class RunsLeases(Protocol):
+    """What the loop needs of a lease runner (worker.bots.leases.LeaseRunner)."""
+
+    async def run(
+        self,
+        lease: bots_pb2.Lease,
+        metadata: re_pb2.ExecutedActionMetadata,
+        cancelled: asyncio.Event,
+    ) -> bots_pb2.Lease: ...
 
 
 class _Interrupted(Exception):
@@ -101,7 +112,7 @@ class BotLoop:
         channel: grpc.aio.Channel,
         bot_id: str,
         offer: Offer,
-        runner: LeaseRunner,
+        runner: RunsLeases,
         settings: BotSettings,
         grace_s: float,
         status_file: Path | None = None,
