@@ -168,7 +168,7 @@ schedulers:
       match-property-keys: [OSFamily, ISA, container-image]
     bot-session-keepalive-timeout: {keepalive}
     max-execution-timeout: 600
-instances:
+{assigners}instances:
   - name: ""
     description: scale-out tests
     services:
@@ -198,10 +198,25 @@ def ensure_buildgrid() -> Path:
     return BUILDGRID_VENV / "bin" / "bgd"
 
 
-class BuildGrid:
-    """PostgreSQL and a BuildGrid server on 127.0.0.1:`port`."""
+# BuildGrid hands queued jobs to bots from assigner threads that look at the queue every
+# `interval` + up to `jitter-factor` seconds (1 + 1 by default: about a second per action).
+ASSIGNERS_TEMPLATE = """\
+    assigners:
+      - !priority-age-assigner
+        count: 1
+        interval: {interval}
+        jitter-factor: {interval}
+"""
+# What the tests use: jobs reach a waiting bot within about 0.1 s.
+FAST_ASSIGNER_S = 0.05
 
-    def __init__(self) -> None:
+
+class BuildGrid:
+    """PostgreSQL and a BuildGrid server on 127.0.0.1:`port`. `assigner_interval_s` None keeps
+    BuildGrid's default assigner."""
+
+    def __init__(self, assigner_interval_s: float | None = FAST_ASSIGNER_S) -> None:
+        self.assigner_interval_s = assigner_interval_s
         self.bgd = ensure_buildgrid()
         # Short and reachable by the postgres user: the socket path must stay below ~100 bytes.
         self.base = Path(tempfile.mkdtemp(prefix="bgd-", dir="/tmp"))
@@ -219,7 +234,12 @@ class BuildGrid:
         config = self.base / "buildgrid.yml"
         config.write_text(
             CONFIG_TEMPLATE.format(
-                address=self.address, database_url=self.postgres.url, keepalive=KEEPALIVE_S
+                address=self.address,
+                database_url=self.postgres.url,
+                keepalive=KEEPALIVE_S,
+                assigners=""
+                if self.assigner_interval_s is None
+                else ASSIGNERS_TEMPLATE.format(interval=self.assigner_interval_s),
             )
         )
         with open(self.log_path, "wb") as log:
@@ -278,8 +298,8 @@ class BuildGrid:
 
 
 @contextlib.contextmanager
-def running_buildgrid() -> Iterator[BuildGrid]:
-    grid = BuildGrid()
+def running_buildgrid(assigner_interval_s: float | None = FAST_ASSIGNER_S) -> Iterator[BuildGrid]:
+    grid = BuildGrid(assigner_interval_s)
     try:
         grid.start()
         yield grid

@@ -137,6 +137,7 @@ class BotLoop:
         self._wake = asyncio.Event()
         self._stopping = False
         self._told_terminating = False
+        self._quick_idle = False
         self._stop_deadline = 0.0
         self._grace_timer: asyncio.TimerHandle | None = None
         self.completed = 0
@@ -272,7 +273,14 @@ class BotLoop:
         )
         self._told_terminating = terminating
         news = self._accept(response)
-        if not news and time.monotonic() - asked < QUICK_ANSWER_S and not self._wake.is_set():
+        quick = not news and time.monotonic() - asked < QUICK_ANSWER_S
+        # An idle bot calls again at once: the scheduler long-polls it until work comes, and a
+        # pause would only delay that work. A busy bot's calls come back at once when the
+        # scheduler does not long-poll busy bots, so those are paced; so is an idle bot whose
+        # calls keep coming back empty at once (no long poll at all), from the second one.
+        paced = bool(self._running) or self._stopping or self._quick_idle
+        self._quick_idle = quick and not self._running
+        if quick and paced and not self._wake.is_set():
             await self._pause(self._quiet_pause())
 
     def _quiet_pause(self) -> float:
