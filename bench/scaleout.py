@@ -201,7 +201,8 @@ def markdown(results: dict[str, Any]) -> str:
         f"{f['assigner_interval_s']:g} s jitter) in these runs, except the default-assigner row "
         "(1 s + up to 1 s). "
         "Both workers share this machine's cores and Docker daemon: the two-worker build shows "
-        "BuildGrid spreading one build over two bots, not the gain of a second machine."
+        "BuildGrid spreading one build over two bots, not the gain of a second machine; it has "
+        "twice the action slots, a gain one worker with a higher capacity could also get here."
     )
     return "\n".join(rows)
 
