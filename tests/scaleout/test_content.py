@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 
+import grpc
 import pytest
 
 from tests.execution_client import (
@@ -17,7 +18,7 @@ from tests.reapi_client import bytestream_read, bytestream_write, upload_message
 from tests.scaleout.conftest import StartWorker
 from tests.scaleout.services import BuildGrid, wait_until
 from worker.digests import Digest
-from worker.reapi import re_pb2
+from worker.reapi import error_details_pb2, re_pb2
 
 pytestmark = [pytest.mark.docker]
 
@@ -99,3 +100,43 @@ def test_large_inputs_and_outputs_travel_through_buildgrids_cas(
         (sub,) = tree.children
         (part,) = sub.files
         assert bytestream_read(channel, Digest.from_proto(part.digest)) == big_input[: 5 * MiB]
+
+
+def test_action_problems_reach_the_client_with_their_reapi_status(
+    buildgrid: BuildGrid, start_worker: StartWorker
+) -> None:
+    """An input BuildGrid's CAS lacks is FAILED_PRECONDITION naming the blob (the client uploads
+    it and retries); an image this worker does not allow is PERMISSION_DENIED. Neither is
+    retried by BuildGrid."""
+    start_worker(
+        "problems", [IMAGE_A], 2, "--property", "container-image=docker://forbidden.invalid/x:1"
+    )
+    absent = b"never uploaded"
+    with buildgrid.channel() as channel:
+        command = re_pb2.Command(arguments=["cat", "in.txt"])
+        root = re_pb2.Directory(
+            files=[re_pb2.FileNode(name="in.txt", digest=Digest.of(absent).to_proto())]
+        )
+        action = re_pb2.Action(
+            command_digest=upload_message(channel, command).to_proto(),
+            input_root_digest=upload_message(channel, root).to_proto(),
+            platform=re_pb2.Platform(
+                properties=[
+                    re_pb2.Platform.Property(name="container-image", value=f"docker://{IMAGE_A}")
+                ]
+            ),
+            do_not_cache=True,
+        )
+        response = execute(channel, upload_message(channel, action)).response
+        assert response.status.code == grpc.StatusCode.FAILED_PRECONDITION.value[0], response
+        failure = error_details_pb2.PreconditionFailure()
+        assert response.status.details[0].Unpack(failure)
+        assert [(v.type, v.subject) for v in failure.violations] == [
+            ("MISSING", Digest.of(absent).subject())
+        ]
+
+        # Offered with --property, so BuildGrid sends it here; execution.allowed_images refuses it.
+        forbidden = shell_action("true", "forbidden.invalid/x:1", do_not_cache=True)
+        response = execute(channel, upload_action(channel, forbidden)).response
+        assert response.status.code == grpc.StatusCode.PERMISSION_DENIED.value[0], response
+        assert "not allowed" in response.status.message
