@@ -231,8 +231,8 @@ class BuildGrid:
     def start(self, timeout_s: float = 180) -> None:
         self.postgres.start()
         self._bgd("migrate", "apply", self.postgres.url)
-        config = self.base / "buildgrid.yml"
-        config.write_text(
+        self.config = self.base / "buildgrid.yml"
+        self.config.write_text(
             CONFIG_TEMPLATE.format(
                 address=self.address,
                 database_url=self.postgres.url,
@@ -242,14 +242,28 @@ class BuildGrid:
                 else ASSIGNERS_TEMPLATE.format(interval=self.assigner_interval_s),
             )
         )
-        with open(self.log_path, "wb") as log:
+        self.start_server(timeout_s)
+
+    def start_server(self, timeout_s: float = 180) -> None:
+        """Starts the BuildGrid server (again) on the same port and database."""
+        with open(self.log_path, "ab") as log:
             self._process = subprocess.Popen(
-                [str(self.bgd), "server", "start", str(config)],
+                [str(self.bgd), "server", "start", str(self.config)],
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
         wait_until(self._ready, timeout_s, "BuildGrid to serve", every_s=0.5)
+
+    def stop_server(self) -> None:
+        """Stops the BuildGrid server (PostgreSQL and its state stay)."""
+        if self._process is not None and self._process.poll() is None:
+            os.killpg(self._process.pid, signal.SIGTERM)
+            try:
+                self._process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self._process.pid, signal.SIGKILL)
+                self._process.wait(timeout=30)
 
     def _bgd(self, *args: str) -> None:
         result = subprocess.run(
@@ -286,13 +300,7 @@ class BuildGrid:
         return self.postgres.query(f"SELECT name FROM bots WHERE bot_id = '{quoted}'")
 
     def stop(self) -> None:
-        if self._process is not None and self._process.poll() is None:
-            os.killpg(self._process.pid, signal.SIGTERM)
-            try:
-                self._process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self._process.pid, signal.SIGKILL)
-                self._process.wait(timeout=30)
+        self.stop_server()
         self.postgres.stop()
         shutil.rmtree(self.base, ignore_errors=True)
 

@@ -169,3 +169,25 @@ def test_sigterm_lets_the_running_action_finish_then_exits(
     assert worker.terminate() == 0
     assert worker.status()["state"] == "stopped"
     assert worker.sidecars() == []
+
+
+def test_a_worker_rides_out_a_scheduler_restart(
+    buildgrid: BuildGrid, start_worker: StartWorker
+) -> None:
+    """BuildGrid goes away for a while and comes back on the same address and database: the
+    worker keeps trying (with growing pauses, no crash) and takes work again afterwards."""
+    worker = start_worker("patient", None, 1)
+    with buildgrid.channel() as channel:
+        before = execute(channel, upload_action(channel, shell_action("echo before", IMAGE_A)))
+        assert before.response.status.code == 0
+    buildgrid.stop_server()
+    try:
+        wait_until(lambda: worker.status()["state"] == "reconnecting", 60, "the worker to notice")
+        wait_until(lambda: worker.log().count("trying again") >= 2, 60, "a second attempt")
+    finally:
+        buildgrid.start_server()
+    with buildgrid.channel() as channel:
+        after = execute(channel, upload_action(channel, shell_action("echo after", IMAGE_A)))
+        assert after.response.status.code == 0, after.response
+        assert stdout_of(channel, after.response) == b"after\n"
+    assert worker.process is not None and worker.process.poll() is None
