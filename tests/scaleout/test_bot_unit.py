@@ -89,6 +89,10 @@ def test_bad_worker_arguments_are_refused_clearly(tmp_path: Path) -> None:
         settings_for(_args(tmp_path, "--scheduler", "http://h:1"))
     with pytest.raises(ConfigError, match="KEY=VALUE"):
         settings_for(_args(tmp_path, "--scheduler", "grpc://h:1", "--property", "novalue"))
+    cache_only = tmp_path / "cache-only.yml"
+    cache_only.write_text("execution: {enabled: false}\n")
+    with pytest.raises(ConfigError, match="execution.enabled"):
+        settings_for(_args(tmp_path, "--scheduler", "grpc://h:1", "--config", str(cache_only)))
 
 
 def test_worker_faults_become_unavailable_so_the_scheduler_requeues() -> None:

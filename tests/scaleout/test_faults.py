@@ -22,7 +22,7 @@ from tests.execution_client import (
 )
 from tests.images import IMAGE_A
 from tests.scaleout.conftest import StartWorker
-from tests.scaleout.services import BuildGrid, WorkerProcess, wait_until
+from tests.scaleout.services import KEEPALIVE_S, BuildGrid, WorkerProcess, wait_until
 from worker.reapi import ops_grpc, ops_pb2
 
 pytestmark = [pytest.mark.docker]
@@ -191,3 +191,20 @@ def test_a_worker_rides_out_a_scheduler_restart(
         assert after.response.status.code == 0, after.response
         assert stdout_of(channel, after.response) == b"after\n"
     assert worker.process is not None and worker.process.poll() is None
+
+
+def test_an_action_longer_than_the_session_keepalive_runs_once(
+    buildgrid: BuildGrid, start_worker: StartWorker
+) -> None:
+    """BuildGrid forgets a bot KEEPALIVE_S after its last call and requeues its leases; a worker
+    busy with one long action keeps calling, so the action is neither requeued nor run twice."""
+    worker = start_worker("busy")
+    seconds = KEEPALIVE_S + 12  # past the keepalive and a reaper round
+    with buildgrid.channel() as channel:
+        spec = shell_action(f"sleep {seconds}; echo slept", IMAGE_A, do_not_cache=True)
+        execution = execute(channel, upload_action(channel, spec), timeout_s=300)
+        assert execution.response.status.code == 0, execution.response
+        assert stdout_of(channel, execution.response) == b"slept\n"
+    wait_until(lambda: worker.status()["leases_completed"] == 1, 30, "the report")
+    assert worker.status()["leases_started"] == 1
+    assert worker.status()["sessions"] == 1

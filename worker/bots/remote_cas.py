@@ -315,8 +315,14 @@ class RemoteCas:
     async def upload_result(self, result: re_pb2.ActionResult) -> None:
         """Puts every blob the result refers to (outputs, the files of output Trees, the Trees,
         stdout and stderr) into the scheduler's CAS; Unavailable if that fails."""
-        digests = await anyio.to_thread.run_sync(self._result_blobs, result)
-        await self.upload(digests)
+        try:
+            digests = await anyio.to_thread.run_sync(self._result_blobs, result)
+            await self.upload(digests)
+        except NotFound as error:  # evicted from the local CAS before it could be sent
+            raise Unavailable(
+                f"an output left the local CAS before its upload ({error}); storage.max_bytes "
+                "is too small for this action's outputs"
+            ) from None
 
     def _result_blobs(self, result: re_pb2.ActionResult) -> list[Digest]:
         digests = [Digest.from_proto(f.digest) for f in result.output_files]

@@ -57,6 +57,8 @@ def settings_for(args: argparse.Namespace) -> tuple[Settings, SchedulerAddress]:
         settings = settings.model_copy(update={"bot": type(settings.bot).model_validate(bot)})
     except pydantic.ValidationError as error:
         raise ConfigError(f"invalid configuration:\n{describe(error)}") from error
+    if not settings.execution.enabled:
+        raise ConfigError("worker mode runs actions: execution.enabled must not be false")
     if not settings.bot.scheduler:
         raise ConfigError("worker needs --scheduler grpc://HOST:PORT (or bot.scheduler)")
     try:
