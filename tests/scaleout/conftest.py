@@ -48,11 +48,14 @@ def start_worker(buildgrid: BuildGrid, tmp_path: Path) -> Iterator[StartWorker]:
         capacity: int = 2,
         *extra: str,
         data_dir: Path | None = None,
+        grace_s: float = 20,
     ) -> WorkerProcess:
         worker = WorkerProcess(
             buildgrid.url,
             data_dir or tmp_path / name,
-            worker_config(f"{name}-{tmp_path.name}", images or [IMAGE_A, IMAGE_B], capacity),
+            worker_config(
+                f"{name}-{tmp_path.name}", images or [IMAGE_A, IMAGE_B], capacity, grace_s
+            ),
             *extra,
         )
         started.append(worker)

@@ -316,10 +316,10 @@ def running_buildgrid(assigner_interval_s: float | None = FAST_ASSIGNER_S) -> It
 
 
 def worker_config(
-    name: str, images: list[str], capacity: int = 2, **execution: Any
+    name: str, images: list[str], capacity: int = 2, grace_s: float = 20, **execution: Any
 ) -> dict[str, Any]:
     return {
-        "server": {"worker_name": name, "shutdown_grace_s": 20},
+        "server": {"worker_name": name, "shutdown_grace_s": grace_s},
         "execution": {
             "max_concurrent_actions": capacity,
             "default_timeout_s": 120,

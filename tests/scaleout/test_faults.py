@@ -208,3 +208,24 @@ def test_an_action_longer_than_the_session_keepalive_runs_once(
     wait_until(lambda: worker.status()["leases_completed"] == 1, 30, "the report")
     assert worker.status()["leases_started"] == 1
     assert worker.status()["sessions"] == 1
+
+
+def test_sigterm_hands_back_what_outlives_the_grace_period(
+    buildgrid: BuildGrid, start_worker: StartWorker
+) -> None:
+    """A lease still running when the grace period ends is reported UNAVAILABLE: BuildGrid
+    queues it again at once and another worker runs it; the stopping worker exits cleanly."""
+    hurried = start_worker("hurried", None, 1, grace_s=1)
+    with buildgrid.channel() as channel:
+        spec = shell_action("sleep 6.75; echo complete", IMAGE_A, do_not_cache=True)
+        stream = start_execute(channel, upload_action(channel, spec), timeout_s=300)
+        wait_until(lambda: sleeping(hurried, "sleep 6.75"), 120, "the action to run")
+        other = start_worker("other", None, 1)
+        assert hurried.terminate() == 0
+        assert hurried.sidecars() == []
+        assert "handing it back" in hurried.log()
+        response = response_of(list(stream)[-1])
+        assert response.status.code == 0, response
+        assert stdout_of(channel, response) == b"complete\n"
+    wait_until(lambda: other.status()["leases_completed"] == 1, 30, "the other's report")
+    assert hurried.status()["leases_completed"] == 0
