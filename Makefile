@@ -17,6 +17,9 @@ RUN_PACKAGES  := docker.io busybox-static curl
 TEST_PACKAGES := $(RUN_PACKAGES) bazel-bootstrap bazel-bootstrap-source
 # the OpenSSL provider Bazel needs for grpcs:// (Debian's netty has no JDK ALPN)
 TEST_PACKAGES += libnetty-tcnative-jni
+# The scale-out tests run BuildGrid (own Python >= 3.13 venv) on PostgreSQL 15.
+TEST_PACKAGES += postgresql-15
+BUILDGRID_VENV := .buildgrid/venv
 HOST := deploy/local
 
 .PHONY: run test check lint typecheck unit bench build host-run host-test clean
@@ -52,6 +55,7 @@ host-run:
 host-test:
 	$(HOST)/install-host-packages.sh $(TEST_PACKAGES)
 	$(HOST)/ensure-dockerd.sh
+	$(HOST)/install-buildgrid.sh $(BUILDGRID_VENV)
 
 run: build host-run
 	$(BIN)/sidecar-executor serve --listen $(LISTEN) --data-dir $(DATA_DIR)

@@ -6,9 +6,9 @@ import argparse
 import logging
 import sys
 
-from worker.commands import serve
+from worker.commands import serve, worker
 
-SUBCOMMANDS = [serve]
+SUBCOMMANDS = [serve, worker]
 
 
 def _parser() -> argparse.ArgumentParser:

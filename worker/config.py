@@ -215,6 +215,42 @@ class ExecutionSettings(Section):
         return self.image_pools.get(image, self.pool)
 
 
+class BotSettings(Section):
+    """`sidecar-executor worker`: joining a Remote Workers API scheduler (BuildGrid) as a bot."""
+
+    scheduler: str = Field(
+        "", description="grpc://HOST:PORT or grpcs://HOST:PORT of the scheduler (Bots and CAS)"
+    )
+    instance: str = Field("", description="the scheduler's instance name")
+    properties: list[str] = Field(
+        [], description="extra KEY=VALUE properties offered to the scheduler; a key may repeat"
+    )
+    bot_id: str = Field(
+        "", description="the bot's name at the scheduler; default: derived from the data dir"
+    )
+    root_certificates: Path | None = Field(
+        None, description="PEM CA bundle for grpcs://; default: the system's"
+    )
+    poll_timeout_s: float = Field(
+        60, ge=5, description="deadline of each UpdateBotSession long poll"
+    )
+    keepalive_s: float = Field(
+        5, gt=0, description="longest pause between UpdateBotSession calls while leases run"
+    )
+    retry_max_s: float = Field(
+        30, gt=0, description="longest pause between attempts to reach a lost scheduler"
+    )
+
+    @field_validator("properties")
+    @classmethod
+    def _key_value(cls, values: list[str]) -> list[str]:
+        for value in values:
+            key, sep, _ = value.partition("=")
+            if not sep or not key.strip():
+                raise ValueError(f"{value!r} is not KEY=VALUE")
+        return values
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="SIDECAR_EXECUTOR_", env_nested_delimiter="__", extra="forbid"
@@ -224,6 +260,7 @@ class Settings(BaseSettings):
     server: ServerSettings = ServerSettings()
     storage: StorageSettings = StorageSettings()
     execution: ExecutionSettings = ExecutionSettings()
+    bot: BotSettings = BotSettings()
 
     @model_validator(mode="after")
     def _batch_fits_in_a_message(self) -> Settings:
