@@ -18,6 +18,7 @@ from tests.reapi_client import bytestream_read, bytestream_write, write_resource
 from tests.serving import RunningService
 from worker.digests import Digest
 from worker.reapi import bs_grpc, bs_pb2, re_grpc, re_pb2
+from worker.server.bytestream import READ_CHUNK_BYTES
 
 DATA = os.urandom(3 * 1024 * 1024 + 17)
 DIGEST = Digest.of(DATA)
@@ -41,7 +42,8 @@ def test_read_streams_in_chunks_and_honours_offset_and_limit(service: RunningSer
     chunks = list(
         stub(service).Read(bs_pb2.ReadRequest(resource_name=f"blobs/{DIGEST.hash}/{DIGEST.size}"))
     )
-    assert len(chunks) >= 3
+    assert len(chunks) == -(-len(DATA) // READ_CHUNK_BYTES) >= 2
+    assert all(len(c.data) <= READ_CHUNK_BYTES for c in chunks)
     assert bytestream_read(service.channel, DIGEST, offset=1000, limit=5000) == DATA[1000:6000]
     assert bytestream_read(service.channel, DIGEST, offset=len(DATA)) == b""
     assert bytestream_read(service.channel, DIGEST, offset=len(DATA) - 3, limit=100) == DATA[-3:]

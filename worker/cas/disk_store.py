@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import logging
 import os
 import shutil
@@ -12,17 +13,30 @@ import tempfile
 import threading
 import uuid
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, NoReturn
 
+from worker.cas.durability import Durability, flush_data, flush_directories
+from worker.cas.integrity import BlobDamaged, Signature, hash_fd, signature_of
 from worker.digests import EMPTY_DIGEST, Digest
-from worker.errors import InvalidArgument, NotFound, ResourceExhausted, raise_if_disk_full
+from worker.errors import (
+    Internal,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    ServiceError,
+    raise_if_disk_full,
+)
 
 log = logging.getLogger(__name__)
 
 _CHUNK = 1 << 20
 _NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW
+_READ = os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW
+# Renames of one batch are done under the store's lock in groups of this many, so that a
+# big batch does not hold other writers back for long at a time.
+_INSTALL_GROUP = 64
 
 
 def write_all(file: BinaryIO | tempfile._TemporaryFileWrapper[bytes], data: bytes) -> None:
@@ -87,7 +101,15 @@ class DiskBlobStore:
 
     A blob becomes visible only by renaming a complete, verified temporary file
     into place, so readers never see a partial or wrong blob, and two writers of
-    the same blob race harmlessly (the same bytes win either way).
+    the same blob race harmlessly (the same bytes win either way). Whether the
+    data is flushed to disk first is the durability policy (worker.cas.durability).
+
+    Nothing trusts a stored file blindly: whole reads hash what they read and a blob
+    whose bytes no longer match its digest is removed and reported missing
+    (BlobDamaged). For staging, where hashing every input of every action would cost too
+    much, the store remembers each blob file's stat signature from when its bytes were last
+    known good (written by us, or hashed) and rehashes only a file whose signature changed
+    (or is unknown, as every blob is after a restart).
 
     The bytes of all blobs and executable copies, plus the bytes reserved for
     data on its way in (partial uploads, copies in progress), are kept under
@@ -96,9 +118,11 @@ class DiskBlobStore:
     eviction) happens under the same lock as the change to the index, so the
     index never lists a file that is gone. Eviction only unlinks: hard links
     already made into exec roots, and open readers, keep their data.
+
+    All methods block on the disk or on the store's lock: call them from worker threads.
     """
 
-    def __init__(self, root: Path, max_bytes: int) -> None:
+    def __init__(self, root: Path, max_bytes: int, durability: Durability = "none") -> None:
         self._blobs = root / "blobs"
         self._blobs_str = str(self._blobs)
         self._executables = root / "executables"
@@ -110,12 +134,16 @@ class DiskBlobStore:
         shutil.rmtree(self._tmp, ignore_errors=True)
         self._tmp.mkdir(parents=True)
         self.max_bytes = max_bytes
+        self.durability: Durability = durability
         self._lock = threading.Lock()
         self._lru: OrderedDict[str, int] = OrderedDict()  # hash -> blob size
         self._exe: dict[str, int] = {}  # hash -> size of its executable copy
+        self._good: dict[str, Signature] = {}  # blob files last known to match their hash
+        self._good_exe: dict[str, Signature] = {}  # the same for executable copies
         self._total = 0  # blobs plus executable copies
         self._reserved = 0  # data on its way in
         self._reclaimers: list[Callable[[], None]] = []
+        self._temp_names = itertools.count()
         self._load_index()
 
     def _load_index(self) -> None:
@@ -155,6 +183,9 @@ class DiskBlobStore:
         """Bytes set aside for data on its way in (partial uploads, copies in progress)."""
         return self._reserved
 
+    def __len__(self) -> int:
+        return len(self._lru)
+
     def blob_path(self, digest: Digest) -> Path:
         return Path(self.hash_path(digest.hash))
 
@@ -179,52 +210,190 @@ class DiskBlobStore:
             return True
 
     def find_missing(self, digests: Iterable[Digest]) -> list[Digest]:
-        return [d for d in digests if not self.contains(d)]
+        missing = []
+        lru = self._lru
+        with self._lock:  # Once for all of them: FindMissingBlobs asks about thousands.
+            for digest in digests:
+                if digest.is_empty:
+                    if digest != EMPTY_DIGEST:
+                        missing.append(digest)
+                elif lru.get(digest.hash) == digest.size:
+                    lru.move_to_end(digest.hash)
+                else:
+                    missing.append(digest)
+        return missing
+
+    def find_missing_or_damaged(self, digests: Iterable[Digest]) -> list[Digest]:
+        """Like find_missing, but a blob also counts as missing when its file is gone or its
+        bytes no longer match (it is then removed). Files whose stat signature is the one
+        they had when last known good are not read again; the others are hashed."""
+        wanted = list(digests)
+        missing = self.find_missing(wanted)
+        absent = set(missing)
+        for digest in wanted:
+            if digest.is_empty or digest in absent:
+                continue
+            try:
+                self.check_whole(digest)
+            except NotFound:
+                missing.append(digest)
+                absent.add(digest)
+        return missing
+
+    def check_whole(self, digest: Digest) -> str:
+        """The path of a stored blob whose bytes match its digest, rehashing the file only
+        if it changed since it was last known good; NotFound (BlobDamaged if the bytes are
+        wrong, and the blob is then removed) otherwise."""
+        path = self.require_path(digest)
+        try:
+            fd = os.open(path, _READ)
+        except FileNotFoundError:
+            self._forget(digest.hash)
+            raise NotFound(f"blob {digest} is not in the CAS") from None
+        try:
+            self._check_fd(digest, fd, os.fstat(fd), self._good)
+        finally:
+            os.close(fd)
+        return path
+
+    def _check_fd(
+        self, digest: Digest, fd: int, info: os.stat_result, good: dict[str, Signature]
+    ) -> None:
+        """Raises BlobDamaged (after removing the blob) unless the open file holds exactly
+        the blob's bytes; remembers its signature when it does."""
+        signature = signature_of(info)
+        if good.get(digest.hash) == signature:
+            return
+        if info.st_size != digest.size or hash_fd(fd, info.st_size) != (digest.hash, digest.size):
+            self.discard_damaged(digest, info.st_ino)
+        with self._lock:
+            if digest.hash in self._lru:
+                good[digest.hash] = signature
 
     def read(self, digest: Digest) -> bytes:
+        """The blob's bytes, checked against its digest as they are read: NotFound if it is
+        not stored, BlobDamaged (and the blob is removed) if its bytes do not match."""
         if digest.is_empty:
+            if digest != EMPTY_DIGEST:
+                raise NotFound(f"blob {digest} is not in the CAS")
             return b""
-        with self.open(digest) as stream:
-            return stream.read()
+        path = self.require_path(digest)
+        try:
+            fd = os.open(path, _READ)
+        except FileNotFoundError:
+            self._forget(digest.hash)
+            raise NotFound(f"blob {digest} is not in the CAS") from None
+        try:
+            info = os.fstat(fd)
+            data = _read_exactly(fd, digest.size) if info.st_size == digest.size else b""
+        finally:
+            os.close(fd)
+        if len(data) != digest.size or hashlib.sha256(data).hexdigest() != digest.hash:
+            self.discard_damaged(digest, info.st_ino)
+        self.mark_good(digest.hash, info)
+        return data
+
+    def read_many(self, digests: Sequence[Digest]) -> list[bytes | ServiceError]:
+        """read() of each digest (one worker thread call for a whole batch)."""
+        results: list[bytes | ServiceError] = []
+        for digest in digests:
+            try:
+                results.append(self.read(digest))
+            except ServiceError as error:
+                results.append(error)
+        return results
 
     def open(self, digest: Digest) -> BinaryIO:
-        """Opens a blob for reading; raises NotFound if it is not stored."""
+        """Opens a blob for reading as it is on disk, unchecked (see BlobReader for reads
+        that check); raises NotFound if it is not stored."""
         if digest.is_empty:
             return open(os.devnull, "rb")
-        self.require(digest)
+        path = self.require_path(digest)
         try:
-            return open(self.blob_path(digest), "rb")
+            return open(path, "rb")
         except FileNotFoundError:  # Evicted since require(), or removed behind our back.
             self._forget(digest.hash)
             raise NotFound(f"blob {digest} is not in the CAS") from None
 
+    def open_fd(self, digest: Digest) -> tuple[int, os.stat_result]:
+        """An open descriptor of a stored (non-empty) blob's file and its stat; NotFound if
+        the blob is not stored, BlobDamaged (blob removed) if the file has the wrong size."""
+        path = self.require_path(digest)
+        try:
+            fd = os.open(path, _READ)
+        except FileNotFoundError:
+            self._forget(digest.hash)
+            raise NotFound(f"blob {digest} is not in the CAS") from None
+        info = os.fstat(fd)
+        if info.st_size != digest.size:
+            os.close(fd)
+            self.discard_damaged(digest, info.st_ino)
+        return fd, info
+
+    def check_open(self, digest: Digest, fd: int, info: os.stat_result) -> None:
+        """For a read of part of a blob, which cannot hash as it goes: BlobDamaged unless the
+        open file is known good or hashes right now."""
+        self._check_fd(digest, fd, info, self._good)
+
     def require(self, digest: Digest) -> Path:
         """The path of a stored blob, marked as just used; raises NotFound otherwise."""
+        return Path(self.require_path(digest))
+
+    def require_path(self, digest: Digest) -> str:
         if not self.contains(digest):
             raise NotFound(f"blob {digest} is not in the CAS")
-        return self.blob_path(digest)
+        return self.hash_path(digest.hash)
 
     def require_executable(self, digest: Digest) -> Path:
-        """Like require(), for the 0555 copy of the blob, which it makes if needed (and counts
-        in the store's size)."""
-        source = self.require(digest)
+        """Like check_whole(), for the 0555 copy of the blob, which it makes if needed (and
+        counts in the store's size). A copy that changed since it was made is checked, and
+        made again from the blob if it is wrong."""
         target = self._exe_path(digest.hash)
-        with self._lock:
-            if digest.hash in self._exe:
+        for _attempt in range(2):
+            source = self.check_whole(digest)
+            with self._lock:
+                present = digest.hash in self._exe
+            if not present:
+                self._make_executable(digest, source, target)
                 return Path(target)
+            try:
+                fd = os.open(target, _READ)
+            except FileNotFoundError:
+                self._drop_executable(digest.hash)
+                continue
+            try:
+                info = os.fstat(fd)
+                if self._good_exe.get(digest.hash) == signature_of(info):
+                    return Path(target)
+                if hash_fd(fd, info.st_size) == (digest.hash, digest.size):
+                    self._good_exe[digest.hash] = signature_of(info)
+                    return Path(target)
+            finally:
+                os.close(fd)
+            log.warning("executable copy of blob %s was damaged on disk; making it again", digest)
+            self._drop_executable(digest.hash)
+        raise NotFound(f"blob {digest} is not in the CAS")
+
+    def _make_executable(self, digest: Digest, source: str, target: str) -> None:
         reservation = Reservation(self)
         temp = self.new_temp_path("exe-")
         placed = False
         try:
             reservation.grow(digest.size)
             fd = os.open(temp, _NEW_FILE, 0o600)
+            hasher = hashlib.sha256()
             try:
                 with open(source, "rb") as blob:
                     while chunk := blob.read(_CHUNK):
+                        hasher.update(chunk)
                         _write_fd(fd, chunk)
                 os.fchmod(fd, 0o555)
+                flush_data(fd, self.durability)
+                info = os.fstat(fd)
             finally:
                 os.close(fd)
+            if (hasher.hexdigest(), info.st_size) != (digest.hash, digest.size):
+                self.discard_damaged(digest, os.stat(source).st_ino)
             with self._lock:
                 self._consume_locked(reservation)
                 if digest.hash not in self._lru:
@@ -233,10 +402,13 @@ class DiskBlobStore:
                     os.replace(temp, target)
                     placed = True
                     self._exe[digest.hash] = digest.size
+                    self._good_exe[digest.hash] = signature_of(info)
                     self._total += digest.size
                     evicted = self._evict_locked(keep=digest.hash)
                 else:
                     evicted = 0
+            if placed:
+                flush_directories([self._executables_str], self.durability)
             self._log_evicted(evicted)
         except FileNotFoundError:
             raise NotFound(f"blob {digest} is not in the CAS") from None
@@ -247,35 +419,87 @@ class DiskBlobStore:
             reservation.release()
             if not placed:
                 _unlink(temp)
-        return Path(target)
 
     # ----------------------------------------------------------------- writes
 
     def put(self, digest: Digest, data: bytes) -> None:
         """Stores bytes that must hash to `digest`; raises InvalidArgument if they do not."""
-        actual = Digest.of(data)
-        if actual != digest:
-            raise InvalidArgument(f"data hashes to {actual}, not to the declared digest {digest}")
-        if digest.is_empty or self.contains(digest):
-            return
-        self.check_fits(digest)
+        (error,) = self.put_many([(digest, data)])
+        if error is not None:
+            raise error
+
+    def put_many(self, items: Sequence[tuple[Digest, bytes]]) -> list[ServiceError | None]:
+        """Stores many small blobs with one pass over the index for the lot (BatchUpdateBlobs
+        and ByteStream writes of small blobs): checked, written to temporary files, then
+        renamed into place in groups under the lock. Returns an error or None per item;
+        a blob that does not hash to its digest is InvalidArgument and nothing else fails
+        because of it."""
+        results: list[ServiceError | None] = [None] * len(items)
+        todo: list[int] = []
+        for i, (digest, data) in enumerate(items):
+            if len(data) != digest.size or hashlib.sha256(data).hexdigest() != digest.hash:
+                actual = Digest.of(data)
+                results[i] = InvalidArgument(
+                    f"data hashes to {actual}, not to the declared digest {digest}"
+                )
+            elif digest.size > self.max_bytes:
+                results[i] = ResourceExhausted(
+                    f"blob {digest} is larger than the whole CAS ({self.max_bytes} bytes)"
+                )
+            elif not digest.is_empty:
+                todo.append(i)
+        if not todo:
+            return results
+        new: list[int] = []
+        seen: set[str] = set()
+        with self._lock:
+            for i in todo:
+                digest = items[i][0]
+                if self._lru.get(digest.hash) == digest.size:
+                    self._lru.move_to_end(digest.hash)
+                elif digest.hash not in seen:
+                    seen.add(digest.hash)
+                    new.append(i)
+        if not new:
+            return results
         reservation = Reservation(self)
-        reservation.grow(digest.size)
-        # Plain os calls: batches of small blobs made NamedTemporaryFile the main cost.
-        temp = f"{self._tmp}/put-{uuid.uuid4().hex}"
         try:
-            fd = os.open(temp, _NEW_FILE, 0o444)
-            try:
-                _write_fd(fd, data)
-            finally:
-                os.close(fd)
-            self._install(temp, digest, reservation)
+            reservation.grow(sum(items[i][0].size for i in new))
+        except ResourceExhausted as error:
+            for i in new:
+                results[i] = error
+            return results
+        written: list[tuple[int, str, os.stat_result]] = []
+        try:
+            for i in new:
+                digest, data = items[i]
+                temp = f"{self._tmp}/put-{next(self._temp_names)}"
+                try:
+                    fd = os.open(temp, _NEW_FILE, 0o444)
+                    try:
+                        _write_fd(fd, data)
+                        flush_data(fd, self.durability)
+                        info = os.fstat(fd)
+                    finally:
+                        os.close(fd)
+                except OSError as error:
+                    _unlink(temp)
+                    results[i] = _storage_error(error, f"blob {digest}")
+                    continue
+                written.append((i, temp, info))
+            placed = self._install_many(
+                [(items[i][0], temp, info) for i, temp, info in written], reservation
+            )
+            flush_directories((os.path.dirname(path) for path in placed), self.durability)
         except OSError as error:
-            _unlink(temp)
-            raise_if_disk_full(error, f"blob {digest}")
-            raise
+            failure = _storage_error(error, f"{len(written)} blobs")
+            for i, _, _ in written:
+                results[i] = failure
         finally:
             reservation.release()
+            for _, temp, _ in written:
+                _unlink(temp)  # Only those not installed are still there.
+        return results
 
     def new_temp_file(self) -> tempfile._TemporaryFileWrapper[bytes]:
         """A temporary file on the CAS's filesystem, deleted on close unless committed."""
@@ -312,8 +536,14 @@ class DiskBlobStore:
             self.check_fits(digest)
             own.grow(digest.size - own.bytes)
             os.chmod(temp_path, 0o444)
+            if self.durability != "none":
+                fd = os.open(temp_path, _READ)
+                try:
+                    flush_data(fd, self.durability)
+                finally:
+                    os.close(fd)
             os.link(temp_path, staged)
-            self._install(staged, digest, own)
+            self._install(staged, digest, own, os.stat(staged))
         except OSError as error:
             _unlink(staged)
             raise_if_disk_full(error, f"blob {digest}")
@@ -355,6 +585,8 @@ class DiskBlobStore:
                     hasher.update(chunk)
                     _write_fd(out, chunk)
                     size += len(chunk)
+                flush_data(out, self.durability)
+                info = os.fstat(out)
             finally:
                 os.close(out)
             digest = Digest(hasher.hexdigest(), size)
@@ -362,7 +594,7 @@ class DiskBlobStore:
                 return digest
             self.check_fits(digest)
             os.chmod(temp, 0o444)
-            self._install(temp, digest, reservation)
+            self._install(temp, digest, reservation, info)
             placed = True
             return digest
         except OSError as error:
@@ -372,6 +604,30 @@ class DiskBlobStore:
             reservation.release()
             if not placed:
                 _unlink(temp)
+
+    # ----------------------------------------------------------- damage
+
+    def discard_damaged(self, digest: Digest, inode: int) -> NoReturn:
+        """Removes a blob found damaged (the file with this inode) and raises BlobDamaged.
+        A good copy stored in its place since (another inode) is left alone."""
+        path = self.hash_path(digest.hash)
+        with self._lock:
+            try:
+                current = os.stat(path).st_ino
+            except FileNotFoundError:
+                current = None
+            if current == inode:
+                if digest.hash in self._lru:
+                    self._drop_locked(digest.hash)
+                else:
+                    _unlink(path)
+            elif current is None and digest.hash in self._lru:
+                self._drop_locked(digest.hash)
+        log.warning("blob %s was damaged on disk (its bytes no longer match); removed", digest)
+        raise BlobDamaged(
+            f"blob {digest} was damaged on disk (its bytes no longer match its digest) and "
+            "has been removed; upload it again"
+        )
 
     # ---------------------------------------------------------- bookkeeping
 
@@ -417,25 +673,57 @@ class DiskBlobStore:
         self._reserved -= reservation.bytes
         reservation.bytes = 0
 
-    def _install(self, staged: str, digest: Digest, reservation: Reservation) -> None:
+    def mark_good(self, hash_: str, info: os.stat_result) -> None:
+        """Records that the blob file `info` describes was just found to hold its bytes."""
+        with self._lock:
+            if hash_ in self._lru:
+                self._good[hash_] = signature_of(info)
+
+    def _install(
+        self, staged: str, digest: Digest, reservation: Reservation, info: os.stat_result
+    ) -> None:
         """Renames a complete, verified 0444 file into place and indexes it, in one step under
         the lock; the reservation becomes the blob's size. `staged` is gone afterwards unless
         this raised."""
-        with self._lock:
-            self._consume_locked(reservation)
-            if digest.hash in self._lru:
-                self._lru.move_to_end(digest.hash)
-                present = True
-            else:
-                os.replace(staged, self.hash_path(digest.hash))
-                present = False
-                self._lru[digest.hash] = digest.size
-                self._total += digest.size
-                evicted = self._evict_locked(keep=digest.hash)
-        if present:
+        placed = self._install_many([(digest, staged, info)], reservation)
+        flush_directories((os.path.dirname(path) for path in placed), self.durability)
+        if not placed:
             _unlink(staged)
-        else:
-            self._log_evicted(evicted)
+
+    def _install_many(
+        self, staged: list[tuple[Digest, str, os.stat_result]], reservation: Reservation
+    ) -> list[str]:
+        """Renames complete, verified 0444 files into place and indexes them, each in one step
+        under the lock (a few dozen per hold); the reservation pays for them. A blob already
+        stored whole is left as it is (the caller deletes its file); one indexed with another
+        size (a file torn by a crash) is replaced. Returns the paths that were placed."""
+        placed: list[str] = []
+        evicted = 0
+        consumed = False
+        for start in range(0, len(staged), _INSTALL_GROUP):
+            with self._lock:
+                if not consumed:
+                    self._consume_locked(reservation)
+                    consumed = True
+                for digest, path, info in staged[start : start + _INSTALL_GROUP]:
+                    size = self._lru.get(digest.hash)
+                    if size == digest.size:
+                        self._lru.move_to_end(digest.hash)
+                        continue
+                    target = self.hash_path(digest.hash)
+                    os.replace(path, target)
+                    placed.append(target)
+                    if size is not None:
+                        self._total -= size
+                        self._good.pop(digest.hash, None)
+                    self._lru[digest.hash] = digest.size
+                    self._lru.move_to_end(digest.hash)
+                    self._good[digest.hash] = signature_of(info)
+                    self._total += digest.size
+                    keep = digest.hash
+                evicted += self._evict_locked(keep=keep) if placed else 0
+        self._log_evicted(evicted)
+        return placed
 
     def _evict_locked(self, keep: str | None) -> int:
         """Evicts least recently used blobs (never `keep`) until blobs plus reservations fit
@@ -455,11 +743,20 @@ class DiskBlobStore:
 
     def _drop_locked(self, hash_: str) -> None:
         self._total -= self._lru.pop(hash_)
+        self._good.pop(hash_, None)
         _unlink(self.hash_path(hash_))
+        self._drop_executable_locked(hash_)
+
+    def _drop_executable_locked(self, hash_: str) -> None:
         exe_size = self._exe.pop(hash_, None)
+        self._good_exe.pop(hash_, None)
         if exe_size is not None:
             self._total -= exe_size
             _unlink(self._exe_path(hash_))
+
+    def _drop_executable(self, hash_: str) -> None:
+        with self._lock:
+            self._drop_executable_locked(hash_)
 
     def _log_evicted(self, evicted: int) -> None:
         if evicted:
@@ -470,3 +767,26 @@ class DiskBlobStore:
         with self._lock:
             if hash_ in self._lru and not os.path.exists(self.hash_path(hash_)):
                 self._drop_locked(hash_)
+
+
+def _read_exactly(fd: int, size: int) -> bytes:
+    """Up to `size` bytes from offset 0 of an open file (fewer if it is shorter)."""
+    data = os.pread(fd, size, 0)
+    if len(data) == size or not data:
+        return data
+    parts = [data]
+    got = len(data)
+    while got < size and (more := os.pread(fd, size - got, got)):
+        parts.append(more)
+        got += len(more)
+    return b"".join(parts)
+
+
+def _storage_error(error: OSError, what: str) -> ServiceError:
+    """The error a client sees for a failed write: ResourceExhausted for a full disk."""
+    try:
+        raise_if_disk_full(error, what)
+    except ResourceExhausted as full:
+        return full
+    log.error("cannot store %s: %s", what, error)
+    return Internal(f"cannot store {what}: {error.strerror}")
