@@ -112,7 +112,7 @@ class ByteStreamServicer(bs_grpc.ByteStreamServicer):
                 size = resource.digest.size
                 if request.finish_write and request.write_offset == 0 and len(request.data) == size:
                     # The whole blob in one message (every small blob): store it in one call.
-                    await io_threads.run(self._store.put, resource.digest, request.data)
+                    await io_threads.run(self._put_whole, resource.digest, request.data)
                     return bs_pb2.WriteResponse(committed_size=size)
                 upload = await io_threads.run(self._begin, resource)
                 if upload is None:
@@ -156,6 +156,10 @@ class ByteStreamServicer(bs_grpc.ByteStreamServicer):
             f"write stream ended without finish_write after {upload.committed} bytes; "
             "resume it from QueryWriteStatus"
         )
+
+    def _put_whole(self, digest: Digest, data: bytes) -> None:
+        self._uploads.expire_if_due()
+        self._store.put(digest, data)
 
     def _begin(self, resource: WriteResource) -> PartialUpload | None:
         """The partial upload to continue, or None if the blob is already stored."""
