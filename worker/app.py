@@ -35,7 +35,9 @@ class Storage:
 
 
 def open_storage(settings: Settings) -> Storage:
-    blobs = DiskBlobStore(settings.data_dir / "cas", settings.storage.max_bytes)
+    blobs = DiskBlobStore(
+        settings.data_dir / "cas", settings.storage.max_bytes, settings.storage.durability
+    )
     return Storage(
         blobs=blobs,
         action_cache=DiskActionCache(settings.data_dir / "action-cache", blobs),

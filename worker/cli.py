@@ -6,9 +6,9 @@ import argparse
 import logging
 import sys
 
-from worker.commands import serve
+from worker.commands import cas, serve
 
-SUBCOMMANDS = [serve]
+SUBCOMMANDS = [serve, cas]
 
 
 def _parser() -> argparse.ArgumentParser:
