@@ -11,14 +11,17 @@ import shutil
 import stat
 import tempfile
 import threading
+import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, NoReturn
 
 from worker.cas.durability import Durability, flush_data, flush_directories
 from worker.cas.integrity import BlobDamaged, Signature, hash_fd, signature_of
+from worker.cas.journal import Journal, Segment
 from worker.digests import EMPTY_DIGEST, Digest
 from worker.errors import (
     Internal,
@@ -37,6 +40,19 @@ _READ = os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW
 # Renames of one batch are done under the store's lock in groups of this many, so that a
 # big batch does not hold other writers back for long at a time.
 _INSTALL_GROUP = 64
+# Blobs up to this size are acknowledged once in the journal and become files in the
+# background (worker.cas.journal); at most PENDING_LIMIT bytes of them wait at a time.
+JOURNAL_MAX_BLOB = 64 * 1024
+PENDING_LIMIT = 64 << 20
+_MATERIALIZE_GROUP = 256
+
+
+@dataclass(eq=False)
+class _PendingBlob:
+    """A blob in the journal and in memory, not yet a file."""
+
+    data: bytes
+    segment: Segment
 
 
 def write_all(file: BinaryIO | tempfile._TemporaryFileWrapper[bytes], data: bytes) -> None:
@@ -144,7 +160,36 @@ class DiskBlobStore:
         self._reserved = 0  # data on its way in
         self._reclaimers: list[Callable[[], None]] = []
         self._temp_names = itertools.count()
+        self._pending: dict[str, _PendingBlob] = {}  # indexed, in the journal, not yet files
+        self._pending_bytes = 0
+        self._work = threading.Condition(self._lock)
+        self._materializer: threading.Thread | None = None
+        self._replay_journal(root / "journal")
+        self._journal = Journal(root / "journal", durability)
         self._load_index()
+
+    def _replay_journal(self, directory: Path) -> None:
+        """Turns every intact journal record left by the last run into its file, then
+        deletes the journal (before the index is read from the files)."""
+        placed: list[str] = []
+        for hash_, data in Journal.replay(directory):
+            target = self.hash_path(hash_)
+            with contextlib.suppress(FileNotFoundError):
+                if os.stat(target).st_size == len(data):
+                    continue
+            temp = f"{self._tmp}/replay-{next(self._temp_names)}"
+            fd = os.open(temp, _NEW_FILE, 0o444)
+            try:
+                _write_fd(fd, data)
+                flush_data(fd, self.durability)
+            finally:
+                os.close(fd)
+            os.replace(temp, target)
+            placed.append(target)
+        flush_directories((os.path.dirname(path) for path in placed), self.durability)
+        Journal.remove_all(directory)
+        if placed:
+            log.info("CAS journal: %d blobs of the last run made into files", len(placed))
 
     def _load_index(self) -> None:
         found: list[tuple[float, str, int]] = []
@@ -187,6 +232,10 @@ class DiskBlobStore:
         return len(self._lru)
 
     def blob_path(self, digest: Digest) -> Path:
+        """Where the blob's file is; a blob still only in the journal is made a file first."""
+        entry = self._pending.get(digest.hash)  # one dict lookup: atomic without the lock
+        if entry is not None:
+            self._materialize([(digest.hash, entry)])
         return Path(self.hash_path(digest.hash))
 
     def hash_path(self, hash_: str) -> str:
@@ -277,7 +326,12 @@ class DiskBlobStore:
             if digest != EMPTY_DIGEST:
                 raise NotFound(f"blob {digest} is not in the CAS")
             return b""
-        path = self.require_path(digest)
+        if not self.contains(digest):
+            raise NotFound(f"blob {digest} is not in the CAS")
+        pending = self.pending_data(digest)
+        if pending is not None:
+            return pending  # Hashed on the way in, held in memory since.
+        path = self.hash_path(digest.hash)
         try:
             fd = os.open(path, _READ)
         except FileNotFoundError:
@@ -340,9 +394,30 @@ class DiskBlobStore:
         return Path(self.require_path(digest))
 
     def require_path(self, digest: Digest) -> str:
+        """The path of a stored blob's file (made now if the blob is still only in the
+        journal), marked as just used; NotFound if it is not stored."""
         if not self.contains(digest):
             raise NotFound(f"blob {digest} is not in the CAS")
+        with self._lock:
+            entry = self._pending.get(digest.hash)
+        if entry is not None:
+            self._materialize([(digest.hash, entry)])
         return self.hash_path(digest.hash)
+
+    def pending_data(self, digest: Digest) -> bytes | None:
+        """The bytes of a blob that is still only in the journal (None otherwise)."""
+        with self._lock:
+            entry = self._pending.get(digest.hash)
+        return entry.data if entry is not None and len(entry.data) == digest.size else None
+
+    def flush(self) -> None:
+        """Makes every blob still only in the journal a file (tests, shutdown)."""
+        while True:
+            with self._lock:
+                batch = list(itertools.islice(self._pending.items(), _MATERIALIZE_GROUP))
+            if not batch:
+                return
+            self._materialize(batch)
 
     def require_executable(self, digest: Digest) -> Path:
         """Like check_whole(), for the 0555 copy of the blob, which it makes if needed (and
@@ -469,9 +544,12 @@ class DiskBlobStore:
             for i in new:
                 results[i] = error
             return results
+        journalled = self._journal_small(items, new, reservation)
         written: list[tuple[int, str, os.stat_result]] = []
         try:
             for i in new:
+                if i in journalled:
+                    continue
                 digest, data = items[i]
                 temp = f"{self._tmp}/put-{next(self._temp_names)}"
                 try:
@@ -491,6 +569,7 @@ class DiskBlobStore:
                 [(items[i][0], temp, info) for i, temp, info in written], reservation
             )
             flush_directories((os.path.dirname(path) for path in placed), self.durability)
+            written = []
         except OSError as error:
             failure = _storage_error(error, f"{len(written)} blobs")
             for i, _, _ in written:
@@ -498,8 +577,110 @@ class DiskBlobStore:
         finally:
             reservation.release()
             for _, temp, _ in written:
-                _unlink(temp)  # Only those not installed are still there.
+                _unlink(temp)
         return results
+
+    def _journal_small(
+        self, items: Sequence[tuple[Digest, bytes]], new: list[int], reservation: Reservation
+    ) -> set[int]:
+        """Stores the small ones of `new` through the journal: one append for all of them,
+        then they are indexed (and served from memory) until the background thread has
+        made them files. Returns which items it took; the others go to files directly."""
+        small = [i for i in new if items[i][0].size <= JOURNAL_MAX_BLOB]
+        size = sum(items[i][0].size for i in small)
+        if not small or self._pending_bytes + size > PENDING_LIMIT:
+            return set()
+        try:
+            segment = self._journal.append([(items[i][0].hash, items[i][1]) for i in small])
+        except OSError as error:
+            log.warning("CAS journal: append failed (%s); writing files directly", error)
+            return set()
+        already = 0
+        keep = None
+        with self._lock:
+            self._consume_locked(reservation)
+            for i in small:
+                digest, data = items[i]
+                stored = self._lru.get(digest.hash)
+                if stored == digest.size:  # stored by another writer meanwhile
+                    self._lru.move_to_end(digest.hash)
+                    already += 1
+                    continue
+                if stored is not None:  # a file of another size (torn): replaced when made
+                    self._total -= stored
+                    self._good.pop(digest.hash, None)
+                self._lru[digest.hash] = digest.size
+                self._lru.move_to_end(digest.hash)
+                self._pending[digest.hash] = _PendingBlob(data, segment)
+                self._pending_bytes += digest.size
+                self._total += digest.size
+                keep = digest.hash
+            evicted = self._evict_locked(keep=keep) if keep is not None else 0
+            if keep is not None:
+                if self._materializer is None:
+                    self._materializer = threading.Thread(
+                        target=self._materialize_forever, name="cas-journal", daemon=True
+                    )
+                    self._materializer.start()
+                self._work.notify()
+        if already:
+            self._journal.done(segment, already)
+        self._log_evicted(evicted)
+        return set(small)
+
+    def _materialize_forever(self) -> None:
+        """The background thread that turns journalled blobs into files."""
+        while True:
+            with self._lock:
+                while not self._pending:
+                    self._work.wait()
+                batch = list(itertools.islice(self._pending.items(), _MATERIALIZE_GROUP))
+            try:
+                self._materialize(batch)
+            except Exception:
+                log.exception("CAS journal: cannot make blobs into files yet; retrying")
+                time.sleep(1)
+
+    def _materialize(self, batch: list[tuple[str, _PendingBlob]]) -> None:
+        """Writes journalled blobs to files and renames them into place (those still pending:
+        another thread may have done it, or eviction dropped them, meanwhile); their journal
+        records are done once the files are (under fsync: durably) there."""
+        written: list[tuple[str, _PendingBlob, str, os.stat_result]] = []
+        try:
+            for hash_, entry in batch:
+                temp = f"{self._tmp}/journal-{next(self._temp_names)}"
+                fd = os.open(temp, _NEW_FILE, 0o444)
+                try:
+                    _write_fd(fd, entry.data)
+                    flush_data(fd, self.durability)
+                    info = os.fstat(fd)
+                finally:
+                    os.close(fd)
+                written.append((hash_, entry, temp, info))
+        except OSError:
+            for _, _, temp, _ in written:
+                _unlink(temp)
+            raise
+        placed: list[str] = []
+        finished: list[Segment] = []
+        leftover: list[str] = []
+        with self._lock:
+            for hash_, entry, temp, info in written:
+                if self._pending.get(hash_) is not entry:
+                    leftover.append(temp)
+                    continue
+                target = self.hash_path(hash_)
+                os.replace(temp, target)
+                placed.append(target)
+                del self._pending[hash_]
+                self._pending_bytes -= len(entry.data)
+                self._good[hash_] = signature_of(info)
+                finished.append(entry.segment)
+        for temp in leftover:
+            _unlink(temp)
+        flush_directories((os.path.dirname(path) for path in placed), self.durability)
+        for segment in finished:
+            self._journal.done(segment)
 
     def new_temp_file(self) -> tempfile._TemporaryFileWrapper[bytes]:
         """A temporary file on the CAS's filesystem, deleted on close unless committed."""
@@ -687,17 +868,17 @@ class DiskBlobStore:
         this raised."""
         placed = self._install_many([(digest, staged, info)], reservation)
         flush_directories((os.path.dirname(path) for path in placed), self.durability)
-        if not placed:
-            _unlink(staged)
 
     def _install_many(
         self, staged: list[tuple[Digest, str, os.stat_result]], reservation: Reservation
     ) -> list[str]:
         """Renames complete, verified 0444 files into place and indexes them, each in one step
         under the lock (a few dozen per hold); the reservation pays for them. A blob already
-        stored whole is left as it is (the caller deletes its file); one indexed with another
-        size (a file torn by a crash) is replaced. Returns the paths that were placed."""
+        stored whole is left as it is (its staged file is deleted); one indexed with another
+        size (a file torn by a crash) is replaced. Returns the paths that were placed. If
+        this raises, the staged files not yet placed are the caller's to delete."""
         placed: list[str] = []
+        leftover: list[str] = []
         evicted = 0
         consumed = False
         for start in range(0, len(staged), _INSTALL_GROUP):
@@ -709,6 +890,7 @@ class DiskBlobStore:
                     size = self._lru.get(digest.hash)
                     if size == digest.size:
                         self._lru.move_to_end(digest.hash)
+                        leftover.append(path)
                         continue
                     target = self.hash_path(digest.hash)
                     os.replace(path, target)
@@ -722,6 +904,8 @@ class DiskBlobStore:
                     self._total += digest.size
                     keep = digest.hash
                 evicted += self._evict_locked(keep=keep) if placed else 0
+        for path in leftover:
+            _unlink(path)
         self._log_evicted(evicted)
         return placed
 
@@ -744,6 +928,10 @@ class DiskBlobStore:
     def _drop_locked(self, hash_: str) -> None:
         self._total -= self._lru.pop(hash_)
         self._good.pop(hash_, None)
+        entry = self._pending.pop(hash_, None)
+        if entry is not None:
+            self._pending_bytes -= len(entry.data)
+            self._journal.done(entry.segment)
         _unlink(self.hash_path(hash_))
         self._drop_executable_locked(hash_)
 

@@ -29,12 +29,17 @@ class BlobReader:
         self.remaining = digest.size - offset if limit == 0 else min(limit, digest.size - offset)
         self._fd = -1
         self._info: os.stat_result | None = None
+        self._memory: bytes | None = None
         whole = offset == 0 and self.remaining == digest.size
         self._hasher = hashlib.sha256() if whole else None
         if digest.is_empty and digest != EMPTY_DIGEST:
             raise NotFound(f"blob {digest} is not in the CAS")
         if digest.is_empty or self.remaining <= 0:
             self.remaining = 0
+            return
+        self._memory = store.pending_data(digest) if store.contains(digest) else None
+        if self._memory is not None:
+            self._hasher = None  # hashed on the way in, held in memory since
             return
         self._fd, self._info = store.open_fd(digest)
         if not whole:
@@ -48,6 +53,12 @@ class BlobReader:
         """The next chunk of at most `size` bytes; b"" at the end."""
         if self.remaining <= 0:
             return b""
+        if self._memory is not None:
+            n = min(size, self.remaining)
+            data = self._memory[self._offset : self._offset + n]
+            self._offset += n
+            self.remaining -= n
+            return data
         data = os.pread(self._fd, min(size, self.remaining), self._offset)
         if not data:  # The file is shorter than the digest says: it changed under us.
             self._damaged()
