@@ -164,6 +164,7 @@ class DiskBlobStore:
         self._pending_bytes = 0
         self._work = threading.Condition(self._lock)
         self._materializer: threading.Thread | None = None
+        self._closed = False
         self._replay_journal(root / "journal")
         self._journal = Journal(root / "journal", durability)
         self._load_index()
@@ -632,14 +633,26 @@ class DiskBlobStore:
         """The background thread that turns journalled blobs into files."""
         while True:
             with self._lock:
-                while not self._pending:
+                while not self._pending and not self._closed:
                     self._work.wait()
+                if self._closed:
+                    return
                 batch = list(itertools.islice(self._pending.items(), _MATERIALIZE_GROUP))
             try:
                 self._materialize(batch)
             except Exception:
+                if not self._tmp.is_dir():
+                    return  # The store's directory was removed under it: nothing to do.
                 log.exception("CAS journal: cannot make blobs into files yet; retrying")
                 time.sleep(1)
+
+    def close(self) -> None:
+        """Makes every journalled blob a file (so a clean stop leaves no journal behind) and
+        stops the background thread."""
+        self.flush()
+        with self._lock:
+            self._closed = True
+            self._work.notify_all()
 
     def _materialize(self, batch: list[tuple[str, _PendingBlob]]) -> None:
         """Writes journalled blobs to files and renames them into place (those still pending:
