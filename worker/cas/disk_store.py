@@ -45,6 +45,7 @@ _INSTALL_GROUP = 64
 JOURNAL_MAX_BLOB = 64 * 1024
 PENDING_LIMIT = 64 << 20
 _MATERIALIZE_GROUP = 256
+_MATERIALIZE_DELAY_S = 0.05
 
 
 @dataclass(eq=False)
@@ -635,6 +636,12 @@ class DiskBlobStore:
             with self._lock:
                 while not self._pending and not self._closed:
                     self._work.wait()
+                few = len(self._pending) < _MATERIALIZE_GROUP // 4
+            if few:
+                # Let a trickle of single writes gather: one wake-up per group of files, not
+                # one per blob (each costs the event loop a GIL hand-over).
+                time.sleep(_MATERIALIZE_DELAY_S)
+            with self._lock:
                 if self._closed:
                     return
                 batch = list(itertools.islice(self._pending.items(), _MATERIALIZE_GROUP))
