@@ -9,7 +9,6 @@ import logging
 import os
 import shutil
 import stat
-import tempfile
 import threading
 import time
 import uuid
@@ -17,7 +16,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, NoReturn
+from typing import NoReturn
 
 from worker.cas.durability import Durability, flush_data, flush_directories
 from worker.cas.integrity import BlobDamaged, Signature, hash_fd, signature_of
@@ -54,14 +53,6 @@ class _PendingBlob:
 
     data: bytes
     segment: Segment
-
-
-def write_all(file: BinaryIO | tempfile._TemporaryFileWrapper[bytes], data: bytes) -> None:
-    """Writes all of data to an unbuffered file, which may accept less per call."""
-    view = memoryview(data)
-    while view:
-        written = file.write(view)
-        view = view[written or 0 :]
 
 
 def pwrite_all(fd: int, data: bytes, offset: int) -> None:
@@ -120,6 +111,9 @@ class DiskBlobStore:
     into place, so readers never see a partial or wrong blob, and two writers of
     the same blob race harmlessly (the same bytes win either way). Whether the
     data is flushed to disk first is the durability policy (worker.cas.durability).
+    Small blobs are acknowledged once they are in the journal (worker.cas.journal) and
+    become files in the background; until then they are indexed and served from memory,
+    and anything that needs the file (staging, blob_path) makes it first.
 
     Nothing trusts a stored file blindly: whole reads hash what they read and a blob
     whose bytes no longer match its digest is removed and reported missing
@@ -358,18 +352,6 @@ class DiskBlobStore:
             except ServiceError as error:
                 results.append(error)
         return results
-
-    def open(self, digest: Digest) -> BinaryIO:
-        """Opens a blob for reading as it is on disk, unchecked (see BlobReader for reads
-        that check); raises NotFound if it is not stored."""
-        if digest.is_empty:
-            return open(os.devnull, "rb")
-        path = self.require_path(digest)
-        try:
-            return open(path, "rb")
-        except FileNotFoundError:  # Evicted since require(), or removed behind our back.
-            self._forget(digest.hash)
-            raise NotFound(f"blob {digest} is not in the CAS") from None
 
     def open_fd(self, digest: Digest) -> tuple[int, os.stat_result]:
         """An open descriptor of a stored (non-empty) blob's file and its stat; NotFound if
@@ -701,11 +683,6 @@ class DiskBlobStore:
         flush_directories((os.path.dirname(path) for path in placed), self.durability)
         for segment in finished:
             self._journal.done(segment)
-
-    def new_temp_file(self) -> tempfile._TemporaryFileWrapper[bytes]:
-        """A temporary file on the CAS's filesystem, deleted on close unless committed."""
-        # Unbuffered: a full disk fails in write_all(), never again at close.
-        return tempfile.NamedTemporaryFile(dir=self._tmp, prefix="blob-", buffering=0)
 
     def new_temp_path(self, prefix: str = "upload-") -> str:
         """A fresh name for a file on the CAS's filesystem (not created; the directory is
