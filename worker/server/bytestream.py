@@ -26,9 +26,10 @@ from worker.server.rpc_errors import rpc_errors
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
-# Read responses carry this much. Fewer, larger messages cost the Python gRPC stack less per
-# byte; clients accept 4 MiB messages by default, so a response stays well below that.
-READ_CHUNK_BYTES = 2 << 20
+# Read responses carry this much. Measured against a bare grpc.aio server on this machine,
+# 1 MiB messages streamed about twice as fast as 2 or 3 MiB ones (and clients accept 4 MiB
+# messages by default, so this stays well below that).
+READ_CHUNK_BYTES = 1 << 20
 # Chunks of one Write stream are gathered up to this size before they go to disk: one worker
 # thread call and one open/write/close per megabyte, not per (often 16 KiB) message. What is
 # gathered but not yet written is lost if the stream breaks; ByteStream allows that, the
