@@ -291,6 +291,10 @@ class DiskBlobStore:
         wrong, and the blob is then removed) otherwise."""
         path = self.require_path(digest)
         try:
+            # The common case, a file unchanged since it was last known good, costs one stat
+            # (staging asks this of every input file of every action).
+            if self._good.get(digest.hash) == signature_of(os.lstat(path)):
+                return path
             fd = os.open(path, _READ)
         except FileNotFoundError:
             self._forget(digest.hash)
