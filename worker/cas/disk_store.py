@@ -322,18 +322,47 @@ class DiskBlobStore:
     def read(self, digest: Digest) -> bytes:
         """The blob's bytes, checked against its digest as they are read: NotFound if it is
         not stored, BlobDamaged (and the blob is removed) if its bytes do not match."""
-        if digest.is_empty:
-            if digest != EMPTY_DIGEST:
-                raise NotFound(f"blob {digest} is not in the CAS")
-            return b""
-        if not self.contains(digest):
-            raise NotFound(f"blob {digest} is not in the CAS")
-        pending = self.pending_data(digest)
-        if pending is not None:
-            return pending  # Hashed on the way in, held in memory since.
-        path = self.hash_path(digest.hash)
+        (result,) = self.read_many([digest])
+        if isinstance(result, ServiceError):
+            raise result
+        return result
+
+    def read_many(self, digests: Sequence[Digest]) -> list[bytes | ServiceError]:
+        """read() of each digest, with one pass over the index for all of them (a whole
+        BatchReadBlobs is one worker thread call): an error or the bytes per digest."""
+        results: list[bytes | ServiceError] = [b""] * len(digests)  # the empty blob's stays
+        from_files: list[int] = []
+        with self._lock:
+            for i, digest in enumerate(digests):
+                if digest == EMPTY_DIGEST:
+                    continue
+                if self._lru.get(digest.hash) != digest.size or digest.is_empty:
+                    results[i] = NotFound(f"blob {digest} is not in the CAS")
+                    continue
+                self._lru.move_to_end(digest.hash)
+                entry = self._pending.get(digest.hash)
+                if entry is not None:
+                    results[i] = entry.data  # Hashed on the way in, in memory since.
+                else:
+                    from_files.append(i)
+        good: list[tuple[str, os.stat_result]] = []
+        for i in from_files:
+            try:
+                results[i], info = self._read_file(digests[i])
+                good.append((digests[i].hash, info))
+            except ServiceError as error:
+                results[i] = error
+        if good:
+            with self._lock:
+                for hash_, info in good:
+                    if hash_ in self._lru:
+                        self._good[hash_] = signature_of(info)
+        return results
+
+    def _read_file(self, digest: Digest) -> tuple[bytes, os.stat_result]:
+        """A blob file's bytes, hashed; BlobDamaged (blob removed) if they do not match."""
         try:
-            fd = os.open(path, _READ)
+            fd = os.open(self.hash_path(digest.hash), _READ)
         except FileNotFoundError:
             self._forget(digest.hash)
             raise NotFound(f"blob {digest} is not in the CAS") from None
@@ -344,18 +373,7 @@ class DiskBlobStore:
             os.close(fd)
         if len(data) != digest.size or hashlib.sha256(data).hexdigest() != digest.hash:
             self.discard_damaged(digest, info.st_ino)
-        self.mark_good(digest.hash, info)
-        return data
-
-    def read_many(self, digests: Sequence[Digest]) -> list[bytes | ServiceError]:
-        """read() of each digest (one worker thread call for a whole batch)."""
-        results: list[bytes | ServiceError] = []
-        for digest in digests:
-            try:
-                results.append(self.read(digest))
-            except ServiceError as error:
-                results.append(error)
-        return results
+        return data, info
 
     def open_fd(self, digest: Digest) -> tuple[int, os.stat_result]:
         """An open descriptor of a stored (non-empty) blob's file and its stat; NotFound if
