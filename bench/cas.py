@@ -48,7 +48,7 @@ CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", 64 << 20),
 ]
 QUICK = os.environ.get("BENCH_CAS_QUICK") == "1"  # a short trial run: fewer rounds, no 1 GB
-SMALL_ROUNDS = 2 if QUICK else 5
+SMALL_ROUNDS = 2 if QUICK else 7
 LARGE_100MB_ROUNDS = 1 if QUICK else 3
 LARGE_1GB_ROUNDS = 0 if QUICK else 1
 SEQ_CALLS = 200

@@ -56,8 +56,15 @@ class ContentAddressableStorageServicer(re_grpc.ContentAddressableStorageService
     ) -> re_pb2.FindMissingBlobsResponse:
         digests = [Digest.from_proto(d) for d in request.blob_digests]
         # In a thread: the index's lock may be held by a writer renaming files into place.
-        missing = await io_threads.run(self._store.find_missing, digests)
-        return re_pb2.FindMissingBlobsResponse(missing_blob_digests=[d.to_proto() for d in missing])
+        missing = set(await io_threads.run(self._store.find_missing, digests))
+        # The request's own messages go back (no new ones to build), in the request's order.
+        return re_pb2.FindMissingBlobsResponse(
+            missing_blob_digests=[
+                proto
+                for proto, digest in zip(request.blob_digests, digests, strict=True)
+                if digest in missing
+            ]
+        )
 
     @rpc_errors
     async def BatchUpdateBlobs(
