@@ -257,3 +257,40 @@ def test_a_missing_blob_is_not_found_not_damaged(tmp_path: Path) -> None:
     with pytest.raises(NotFound) as caught:
         store.read(Digest.of(b"never stored"))
     assert not isinstance(caught.value, BlobDamaged)
+
+
+def test_after_a_failed_journal_append_no_record_follows_the_torn_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = DiskBlobStore(tmp_path, max_bytes=MiB)
+    before, lost, after = os.urandom(700), os.urandom(800), os.urandom(900)
+    store._journal.append([(Digest.of(before).hash, before)])
+    real_write = os.write
+
+    def short_then_full_disk(fd: int, data: bytes | memoryview) -> int:
+        real_write(fd, bytes(data)[:50])  # part of the record reaches the file
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "write", short_then_full_disk)
+    with pytest.raises(OSError):
+        store._journal.append([(Digest.of(lost).hash, lost)])
+    monkeypatch.undo()
+    store._journal.append([(Digest.of(after).hash, after)])
+    reopened = DiskBlobStore(tmp_path, max_bytes=MiB)
+    assert reopened.read(Digest.of(before)) == before
+    assert reopened.read(Digest.of(after)) == after
+    assert not reopened.contains(Digest.of(lost))
+
+
+def test_evicting_journalled_blobs_deletes_their_journal_once_all_are_gone(
+    tmp_path: Path,
+) -> None:
+    store = DiskBlobStore(tmp_path, max_bytes=3000)
+    first = [os.urandom(1000) for _ in range(3)]
+    store.put_many([(Digest.of(d), d) for d in first])
+    store.put_many([(Digest.of(d), d) for d in [os.urandom(1000) for _ in range(3)]])
+    store.flush()
+    assert not any(store.contains(Digest.of(d)) for d in first)
+    assert store.total_bytes == 3000
+    assert list((tmp_path / "journal").iterdir()) == []
+    assert sum(1 for p in (tmp_path / "blobs").rglob("*") if p.is_file()) == 3

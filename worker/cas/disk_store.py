@@ -659,8 +659,12 @@ class DiskBlobStore:
 
     def close(self) -> None:
         """Makes every journalled blob a file (so a clean stop leaves no journal behind) and
-        stops the background thread."""
-        self.flush()
+        stops the background thread. If that fails (a full disk), the journal keeps them for
+        the next start."""
+        try:
+            self.flush()
+        except OSError as error:
+            log.warning("CAS journal: blobs left in the journal for the next start: %s", error)
         with self._lock:
             self._closed = True
             self._work.notify_all()

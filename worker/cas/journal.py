@@ -95,10 +95,19 @@ class Journal:
             segment = self._current
             if segment is None or segment.size + total > SEGMENT_BYTES:
                 segment = self._rotate_locked()
-            written = 0
-            while written < total:
-                written += os.write(segment.fd, record[written:])
-            flush_data(segment.fd, self._durability)
+            try:
+                written = 0
+                while written < total:
+                    written += os.write(segment.fd, record[written:])
+                flush_data(segment.fd, self._durability)
+            except OSError:
+                # The segment may end in part of a record now, and replay stops there: no
+                # record may follow it. (Its earlier records still count.)
+                self._seal_locked(segment)
+                if segment.outstanding == 0:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(segment.path)
+                raise
             segment.size += total
             segment.outstanding += len(blobs)
         return segment
