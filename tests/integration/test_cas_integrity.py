@@ -13,11 +13,13 @@ from pathlib import Path
 import grpc
 import pytest
 
+from tests.execution_client import InputFile, execute, shell_action, stdout_of, upload_action
+from tests.images import IMAGE_A
 from tests.reapi_client import bytestream_read, bytestream_write, upload_batch
 from tests.serving import RunningService
 from tests.unit.test_cas_integrity import DAMAGE
 from worker.digests import Digest
-from worker.reapi import re_grpc, re_pb2
+from worker.reapi import error_details_pb2, re_grpc, re_pb2
 
 REPO = Path(__file__).resolve().parents[2]
 DATA_LOSS = grpc.StatusCode.DATA_LOSS
@@ -165,3 +167,31 @@ def test_cas_verify_of_a_directory_without_a_cas_says_so(tmp_path: Path) -> None
     result = run_verify(tmp_path / "nothing-here")
     assert result.returncode == 2
     assert "holds no CAS" in result.stderr
+
+
+@pytest.mark.parametrize("damage", DAMAGE)
+def test_an_action_whose_input_was_damaged_fails_with_a_missing_violation_not_a_wrong_build(
+    exec_service: RunningService, damage: str
+) -> None:
+    """Real Docker: the same action runs once, its input file is then damaged on disk, and
+    the next run is refused before anything runs, naming that blob; once the client uploads
+    the blob again the action runs on the right bytes."""
+    content = b"the right input bytes\n" * 50
+    spec = shell_action("cat input.txt", IMAGE_A, files={"input.txt": InputFile(content)})
+    action = upload_action(exec_service.channel, spec)
+    first = execute(exec_service.channel, action).response
+    assert first.status.code == 0 and first.result.exit_code == 0
+    assert stdout_of(exec_service.channel, first) == content
+    blob = Digest.of(content)
+    DAMAGE[damage](blob_file(exec_service, blob), b"the wrong input bytes\n" * 50)
+
+    second = execute(exec_service.channel, action).response
+    assert second.status.code == grpc.StatusCode.FAILED_PRECONDITION.value[0]
+    failure = error_details_pb2.PreconditionFailure()
+    assert second.status.details[0].Unpack(failure)
+    assert [(v.type, v.subject) for v in failure.violations] == [("MISSING", blob.subject())]
+    assert find_missing(exec_service, [blob]) == [blob]
+
+    upload_batch(exec_service.channel, content)
+    third = execute(exec_service.channel, action).response
+    assert third.status.code == 0 and stdout_of(exec_service.channel, third) == content
