@@ -11,6 +11,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
+from worker.cas import io_threads
 from worker.cas.action_cache import DiskActionCache
 from worker.cas.disk_store import DiskBlobStore
 from worker.cas.uploads import UploadTracker
@@ -41,7 +42,9 @@ class Storage:
 
 
 def open_storage(settings: Settings) -> Storage:
-    blobs = DiskBlobStore(settings.data_dir / "cas", settings.storage.max_bytes)
+    blobs = DiskBlobStore(
+        settings.data_dir / "cas", settings.storage.max_bytes, settings.storage.durability
+    )
     return Storage(
         blobs=blobs,
         action_cache=DiskActionCache(settings.data_dir / "action-cache", blobs),
@@ -163,6 +166,7 @@ class Service:
         if self.execution is not None:
             await self.execution.close()
         self.storage.uploads.close()
+        await io_threads.run(self.storage.blobs.close)  # journalled blobs become files
         self.identity.release()
 
     async def wait(self) -> None:

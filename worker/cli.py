@@ -6,9 +6,9 @@ import argparse
 import logging
 import sys
 
-from worker.commands import serve, worker
+from worker.commands import cas, serve, worker
 
-SUBCOMMANDS = [serve, worker]
+SUBCOMMANDS = [serve, worker, cas]
 
 
 def _parser() -> argparse.ArgumentParser:

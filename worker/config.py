@@ -110,6 +110,12 @@ class StorageSettings(Section):
     max_partial_uploads: int = Field(
         256, ge=1, description="interrupted uploads kept at once; more is RESOURCE_EXHAUSTED"
     )
+    durability: Literal["none", "fsync"] = Field(
+        "none",
+        description="fsync: flush each blob (and action result) to disk before acknowledging "
+        "it, so it survives a host crash; none: leave it to the kernel (survives a crash of "
+        "the service); see docs/STORAGE.md",
+    )
 
 
 class PoolSettings(Section):

@@ -58,6 +58,10 @@ class Internal(ServiceError):
     """A bug or an unexpected state on our side."""
 
 
+class DataLoss(ServiceError):
+    """Stored data turned out to be damaged (its bytes no longer match its digest)."""
+
+
 STATUS_CODES: dict[type[ServiceError], grpc.StatusCode] = {
     InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
     NotFound: grpc.StatusCode.NOT_FOUND,
@@ -69,6 +73,7 @@ STATUS_CODES: dict[type[ServiceError], grpc.StatusCode] = {
     Cancelled: grpc.StatusCode.CANCELLED,
     Unavailable: grpc.StatusCode.UNAVAILABLE,
     Internal: grpc.StatusCode.INTERNAL,
+    DataLoss: grpc.StatusCode.DATA_LOSS,
 }
 
 

@@ -14,10 +14,11 @@ import grpc
 import pytest
 
 from tests.concurrently import run_concurrently
-from tests.reapi_client import bytestream_read, bytestream_write, write_resource
+from tests.reapi_client import bytestream_read, bytestream_write, upload_batch, write_resource
 from tests.serving import RunningService
 from worker.digests import Digest
 from worker.reapi import bs_grpc, bs_pb2, re_grpc, re_pb2
+from worker.server.bytestream import READ_CHUNK_BYTES
 
 DATA = os.urandom(3 * 1024 * 1024 + 17)
 DIGEST = Digest.of(DATA)
@@ -41,7 +42,8 @@ def test_read_streams_in_chunks_and_honours_offset_and_limit(service: RunningSer
     chunks = list(
         stub(service).Read(bs_pb2.ReadRequest(resource_name=f"blobs/{DIGEST.hash}/{DIGEST.size}"))
     )
-    assert len(chunks) >= 3
+    assert len(chunks) == -(-len(DATA) // READ_CHUNK_BYTES) >= 2
+    assert all(len(c.data) <= READ_CHUNK_BYTES for c in chunks)
     assert bytestream_read(service.channel, DIGEST, offset=1000, limit=5000) == DATA[1000:6000]
     assert bytestream_read(service.channel, DIGEST, offset=len(DATA)) == b""
     assert bytestream_read(service.channel, DIGEST, offset=len(DATA) - 3, limit=100) == DATA[-3:]
@@ -287,11 +289,21 @@ def test_disk_work_of_writes_and_reads_runs_off_the_event_loop(
 
     storage = service.service.storage
     watch: list[tuple[object, str]] = [(storage.uploads, m) for m in ("begin", "append", "finish")]
-    watch += [(storage.blobs, "contains"), (storage.blobs, "open")]
+    watch += [
+        (storage.blobs, m)
+        for m in ("contains", "open_fd", "pending_data", "put_many", "find_missing", "read_many")
+    ]
     for obj, method in watch:
         monkeypatch.setattr(obj, method, watched(method, getattr(obj, method)))
     name = write_resource(DIGEST)
     bytestream_write(service.channel, DATA, chunk=256 * 1024, resource=name)
     stub(service).QueryWriteStatus(bs_pb2.QueryWriteStatusRequest(resource_name=name))
     assert bytestream_read(service.channel, DIGEST) == DATA
+    small = b"a small blob, written and read whole"
+    bytestream_write(service.channel, small)
+    assert bytestream_read(service.channel, Digest.of(small)) == small
+    (batched,) = upload_batch(service.channel, b"a batched blob")
+    cas = re_grpc.ContentAddressableStorageStub(service.channel)
+    cas.FindMissingBlobs(re_pb2.FindMissingBlobsRequest(blob_digests=[batched.to_proto()]))
+    cas.BatchReadBlobs(re_pb2.BatchReadBlobsRequest(digests=[batched.to_proto()]))
     assert on_loop == []

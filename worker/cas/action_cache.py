@@ -7,6 +7,7 @@ import tempfile
 from pathlib import Path
 
 from worker.cas.disk_store import DiskBlobStore
+from worker.cas.durability import flush_data, flush_directories
 from worker.digests import Digest
 from worker.errors import NotFound, raise_if_disk_full
 from worker.reapi import re_pb2
@@ -36,8 +37,11 @@ class DiskActionCache:
     """Entries live at `<root>/<hash>_<size>`; writes are atomic (temp file + rename).
 
     A lookup is a hit only if every blob the result refers to is still in the
-    CAS: after eviction the entry reads as a miss, so clients re-run the action
-    instead of failing to download its outputs.
+    CAS and whole (its file unchanged since it was last known good, or hashing right):
+    after eviction or damage the entry reads as a miss, so clients re-run the action
+    instead of failing to download its outputs. Under the `fsync` durability policy an
+    entry is flushed to disk like a blob, after the blobs it names were (they are stored
+    first), so not even a host crash leaves an entry whose blobs were lost.
     """
 
     def __init__(self, root: Path, store: DiskBlobStore) -> None:
@@ -54,12 +58,13 @@ class DiskActionCache:
         except FileNotFoundError:
             raise NotFound(f"no cached result for action {action_digest}") from None
         try:
-            missing = self._store.find_missing(referenced_blobs(result, self._store))
+            missing = self._store.find_missing_or_damaged(referenced_blobs(result, self._store))
         except NotFound:
             missing = [action_digest]
         if missing:
             raise NotFound(
-                f"cached result for action {action_digest} refers to evicted blobs; treat as a miss"
+                f"cached result for action {action_digest} refers to evicted or damaged blobs; "
+                "treat as a miss"
             )
         return result
 
@@ -69,7 +74,10 @@ class DiskActionCache:
         try:
             with os.fdopen(fd, "wb") as out:
                 out.write(data)
+                out.flush()
+                flush_data(out.fileno(), self._store.durability)
             os.replace(temp, self._path(action_digest))
+            flush_directories([str(self._root)], self._store.durability)
         except OSError as error:
             Path(temp).unlink(missing_ok=True)
             raise_if_disk_full(error, f"the result of action {action_digest}")

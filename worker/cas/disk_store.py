@@ -4,33 +4,55 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import logging
 import os
 import shutil
 import stat
-import tempfile
 import threading
+import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import NoReturn
 
+from worker.cas.durability import Durability, flush_data, flush_directories
+from worker.cas.integrity import BlobDamaged, Signature, hash_fd, signature_of
+from worker.cas.journal import Journal, Segment
 from worker.digests import EMPTY_DIGEST, Digest
-from worker.errors import InvalidArgument, NotFound, ResourceExhausted, raise_if_disk_full
+from worker.errors import (
+    Internal,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    ServiceError,
+    raise_if_disk_full,
+)
 
 log = logging.getLogger(__name__)
 
 _CHUNK = 1 << 20
 _NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW
+_READ = os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW
+# Renames of one batch are done under the store's lock in groups of this many, so that a
+# big batch does not hold other writers back for long at a time.
+_INSTALL_GROUP = 64
+# Blobs up to this size are acknowledged once in the journal and become files in the
+# background (worker.cas.journal); at most PENDING_LIMIT bytes of them wait at a time.
+JOURNAL_MAX_BLOB = 64 * 1024
+PENDING_LIMIT = 64 << 20
+_MATERIALIZE_GROUP = 256
+_MATERIALIZE_DELAY_S = 0.05
 
 
-def write_all(file: BinaryIO | tempfile._TemporaryFileWrapper[bytes], data: bytes) -> None:
-    """Writes all of data to an unbuffered file, which may accept less per call."""
-    view = memoryview(data)
-    while view:
-        written = file.write(view)
-        view = view[written or 0 :]
+@dataclass(eq=False)
+class _PendingBlob:
+    """A blob in the journal and in memory, not yet a file."""
+
+    data: bytes
+    segment: Segment
 
 
 def pwrite_all(fd: int, data: bytes, offset: int) -> None:
@@ -87,7 +109,18 @@ class DiskBlobStore:
 
     A blob becomes visible only by renaming a complete, verified temporary file
     into place, so readers never see a partial or wrong blob, and two writers of
-    the same blob race harmlessly (the same bytes win either way).
+    the same blob race harmlessly (the same bytes win either way). Whether the
+    data is flushed to disk first is the durability policy (worker.cas.durability).
+    Small blobs are acknowledged once they are in the journal (worker.cas.journal) and
+    become files in the background; until then they are indexed and served from memory,
+    and anything that needs the file (staging, blob_path) makes it first.
+
+    Nothing trusts a stored file blindly: whole reads hash what they read and a blob
+    whose bytes no longer match its digest is removed and reported missing
+    (BlobDamaged). For staging, where hashing every input of every action would cost too
+    much, the store remembers each blob file's stat signature from when its bytes were last
+    known good (written by us, or hashed) and rehashes only a file whose signature changed
+    (or is unknown, as every blob is after a restart).
 
     The bytes of all blobs and executable copies, plus the bytes reserved for
     data on its way in (partial uploads, copies in progress), are kept under
@@ -96,9 +129,11 @@ class DiskBlobStore:
     eviction) happens under the same lock as the change to the index, so the
     index never lists a file that is gone. Eviction only unlinks: hard links
     already made into exec roots, and open readers, keep their data.
+
+    All methods block on the disk or on the store's lock: call them from worker threads.
     """
 
-    def __init__(self, root: Path, max_bytes: int) -> None:
+    def __init__(self, root: Path, max_bytes: int, durability: Durability = "none") -> None:
         self._blobs = root / "blobs"
         self._blobs_str = str(self._blobs)
         self._executables = root / "executables"
@@ -110,13 +145,47 @@ class DiskBlobStore:
         shutil.rmtree(self._tmp, ignore_errors=True)
         self._tmp.mkdir(parents=True)
         self.max_bytes = max_bytes
+        self.durability: Durability = durability
         self._lock = threading.Lock()
         self._lru: OrderedDict[str, int] = OrderedDict()  # hash -> blob size
         self._exe: dict[str, int] = {}  # hash -> size of its executable copy
+        self._good: dict[str, Signature] = {}  # blob files last known to match their hash
+        self._good_exe: dict[str, Signature] = {}  # the same for executable copies
         self._total = 0  # blobs plus executable copies
         self._reserved = 0  # data on its way in
         self._reclaimers: list[Callable[[], None]] = []
+        self._temp_names = itertools.count()
+        self._pending: dict[str, _PendingBlob] = {}  # indexed, in the journal, not yet files
+        self._pending_bytes = 0
+        self._work = threading.Condition(self._lock)
+        self._materializer: threading.Thread | None = None
+        self._closed = False
+        self._replay_journal(root / "journal")
+        self._journal = Journal(root / "journal", durability)
         self._load_index()
+
+    def _replay_journal(self, directory: Path) -> None:
+        """Turns every intact journal record left by the last run into its file, then
+        deletes the journal (before the index is read from the files)."""
+        placed: list[str] = []
+        for hash_, data in Journal.replay(directory):
+            target = self.hash_path(hash_)
+            with contextlib.suppress(FileNotFoundError):
+                if os.stat(target).st_size == len(data):
+                    continue
+            temp = f"{self._tmp}/replay-{next(self._temp_names)}"
+            fd = os.open(temp, _NEW_FILE, 0o444)
+            try:
+                _write_fd(fd, data)
+                flush_data(fd, self.durability)
+            finally:
+                os.close(fd)
+            os.replace(temp, target)
+            placed.append(target)
+        flush_directories((os.path.dirname(path) for path in placed), self.durability)
+        Journal.remove_all(directory)
+        if placed:
+            log.info("CAS journal: %d blobs of the last run made into files", len(placed))
 
     def _load_index(self) -> None:
         found: list[tuple[float, str, int]] = []
@@ -155,7 +224,14 @@ class DiskBlobStore:
         """Bytes set aside for data on its way in (partial uploads, copies in progress)."""
         return self._reserved
 
+    def __len__(self) -> int:
+        return len(self._lru)
+
     def blob_path(self, digest: Digest) -> Path:
+        """Where the blob's file is; a blob still only in the journal is made a file first."""
+        entry = self._pending.get(digest.hash)  # one dict lookup: atomic without the lock
+        if entry is not None:
+            self._materialize([(digest.hash, entry)])
         return Path(self.hash_path(digest.hash))
 
     def hash_path(self, hash_: str) -> str:
@@ -179,52 +255,226 @@ class DiskBlobStore:
             return True
 
     def find_missing(self, digests: Iterable[Digest]) -> list[Digest]:
-        return [d for d in digests if not self.contains(d)]
+        missing = []
+        lru = self._lru
+        with self._lock:  # Once for all of them: FindMissingBlobs asks about thousands.
+            for digest in digests:
+                if digest.is_empty:
+                    if digest != EMPTY_DIGEST:
+                        missing.append(digest)
+                elif lru.get(digest.hash) == digest.size:
+                    lru.move_to_end(digest.hash)
+                else:
+                    missing.append(digest)
+        return missing
 
-    def read(self, digest: Digest) -> bytes:
-        if digest.is_empty:
-            return b""
-        with self.open(digest) as stream:
-            return stream.read()
+    def find_missing_or_damaged(self, digests: Iterable[Digest]) -> list[Digest]:
+        """Like find_missing, but a blob also counts as missing when its file is gone or its
+        bytes no longer match (it is then removed). Files whose stat signature is the one
+        they had when last known good are not read again; the others are hashed."""
+        wanted = list(digests)
+        missing = self.find_missing(wanted)
+        absent = set(missing)
+        for digest in wanted:
+            if digest.is_empty or digest in absent:
+                continue
+            try:
+                self.check_whole(digest)
+            except NotFound:
+                missing.append(digest)
+                absent.add(digest)
+        return missing
 
-    def open(self, digest: Digest) -> BinaryIO:
-        """Opens a blob for reading; raises NotFound if it is not stored."""
-        if digest.is_empty:
-            return open(os.devnull, "rb")
-        self.require(digest)
+    def check_whole(self, digest: Digest) -> str:
+        """The path of a stored blob whose bytes match its digest, rehashing the file only
+        if it changed since it was last known good; NotFound (BlobDamaged if the bytes are
+        wrong, and the blob is then removed) otherwise."""
+        path = self.require_path(digest)
         try:
-            return open(self.blob_path(digest), "rb")
-        except FileNotFoundError:  # Evicted since require(), or removed behind our back.
+            # The common case, a file unchanged since it was last known good, costs one stat
+            # (staging asks this of every input file of every action).
+            if self._good.get(digest.hash) == signature_of(os.lstat(path)):
+                return path
+            fd = os.open(path, _READ)
+        except FileNotFoundError:
             self._forget(digest.hash)
             raise NotFound(f"blob {digest} is not in the CAS") from None
+        try:
+            self._check_fd(digest, fd, os.fstat(fd), self._good)
+        finally:
+            os.close(fd)
+        return path
+
+    def _check_fd(
+        self, digest: Digest, fd: int, info: os.stat_result, good: dict[str, Signature]
+    ) -> None:
+        """Raises BlobDamaged (after removing the blob) unless the open file holds exactly
+        the blob's bytes; remembers its signature when it does."""
+        signature = signature_of(info)
+        if good.get(digest.hash) == signature:
+            return
+        if info.st_size != digest.size or hash_fd(fd, info.st_size) != (digest.hash, digest.size):
+            self.discard_damaged(digest, info.st_ino)
+        with self._lock:
+            if digest.hash in self._lru:
+                good[digest.hash] = signature
+
+    def read(self, digest: Digest) -> bytes:
+        """The blob's bytes, checked against its digest as they are read: NotFound if it is
+        not stored, BlobDamaged (and the blob is removed) if its bytes do not match."""
+        (result,) = self.read_many([digest])
+        if isinstance(result, ServiceError):
+            raise result
+        return result
+
+    def read_many(self, digests: Sequence[Digest]) -> list[bytes | ServiceError]:
+        """read() of each digest, with one pass over the index for all of them (a whole
+        BatchReadBlobs is one worker thread call): an error or the bytes per digest."""
+        results: list[bytes | ServiceError] = [b""] * len(digests)  # the empty blob's stays
+        from_files: list[int] = []
+        with self._lock:
+            for i, digest in enumerate(digests):
+                if digest == EMPTY_DIGEST:
+                    continue
+                if self._lru.get(digest.hash) != digest.size or digest.is_empty:
+                    results[i] = NotFound(f"blob {digest} is not in the CAS")
+                    continue
+                self._lru.move_to_end(digest.hash)
+                entry = self._pending.get(digest.hash)
+                if entry is not None:
+                    results[i] = entry.data  # Hashed on the way in, in memory since.
+                else:
+                    from_files.append(i)
+        good: list[tuple[str, os.stat_result]] = []
+        for i in from_files:
+            try:
+                results[i], info = self._read_file(digests[i])
+                good.append((digests[i].hash, info))
+            except ServiceError as error:
+                results[i] = error
+        if good:
+            with self._lock:
+                for hash_, info in good:
+                    if hash_ in self._lru:
+                        self._good[hash_] = signature_of(info)
+        return results
+
+    def _read_file(self, digest: Digest) -> tuple[bytes, os.stat_result]:
+        """A blob file's bytes, hashed; BlobDamaged (blob removed) if they do not match."""
+        try:
+            fd = os.open(self.hash_path(digest.hash), _READ)
+        except FileNotFoundError:
+            self._forget(digest.hash)
+            raise NotFound(f"blob {digest} is not in the CAS") from None
+        try:
+            info = os.fstat(fd)
+            data = _read_exactly(fd, digest.size) if info.st_size == digest.size else b""
+        finally:
+            os.close(fd)
+        if len(data) != digest.size or hashlib.sha256(data).hexdigest() != digest.hash:
+            self.discard_damaged(digest, info.st_ino)
+        return data, info
+
+    def open_fd(self, digest: Digest) -> tuple[int, os.stat_result]:
+        """An open descriptor of a stored (non-empty) blob's file and its stat; NotFound if
+        the blob is not stored, BlobDamaged (blob removed) if the file has the wrong size."""
+        path = self.require_path(digest)
+        try:
+            fd = os.open(path, _READ)
+        except FileNotFoundError:
+            self._forget(digest.hash)
+            raise NotFound(f"blob {digest} is not in the CAS") from None
+        info = os.fstat(fd)
+        if info.st_size != digest.size:
+            os.close(fd)
+            self.discard_damaged(digest, info.st_ino)
+        return fd, info
+
+    def check_open(self, digest: Digest, fd: int, info: os.stat_result) -> None:
+        """For a read of part of a blob, which cannot hash as it goes: BlobDamaged unless the
+        open file is known good or hashes right now."""
+        self._check_fd(digest, fd, info, self._good)
 
     def require(self, digest: Digest) -> Path:
         """The path of a stored blob, marked as just used; raises NotFound otherwise."""
+        return Path(self.require_path(digest))
+
+    def require_path(self, digest: Digest) -> str:
+        """The path of a stored blob's file (made now if the blob is still only in the
+        journal), marked as just used; NotFound if it is not stored."""
         if not self.contains(digest):
             raise NotFound(f"blob {digest} is not in the CAS")
-        return self.blob_path(digest)
+        with self._lock:
+            entry = self._pending.get(digest.hash)
+        if entry is not None:
+            self._materialize([(digest.hash, entry)])
+        return self.hash_path(digest.hash)
+
+    def pending_data(self, digest: Digest) -> bytes | None:
+        """The bytes of a blob that is still only in the journal (None otherwise)."""
+        with self._lock:
+            entry = self._pending.get(digest.hash)
+        return entry.data if entry is not None and len(entry.data) == digest.size else None
+
+    def flush(self) -> None:
+        """Makes every blob still only in the journal a file (tests, shutdown)."""
+        while True:
+            with self._lock:
+                batch = list(itertools.islice(self._pending.items(), _MATERIALIZE_GROUP))
+            if not batch:
+                return
+            self._materialize(batch)
 
     def require_executable(self, digest: Digest) -> Path:
-        """Like require(), for the 0555 copy of the blob, which it makes if needed (and counts
-        in the store's size)."""
-        source = self.require(digest)
+        """Like check_whole(), for the 0555 copy of the blob, which it makes if needed (and
+        counts in the store's size). A copy that changed since it was made is checked, and
+        made again from the blob if it is wrong."""
         target = self._exe_path(digest.hash)
-        with self._lock:
-            if digest.hash in self._exe:
+        for _attempt in range(2):
+            source = self.check_whole(digest)
+            with self._lock:
+                present = digest.hash in self._exe
+            if not present:
+                self._make_executable(digest, source, target)
                 return Path(target)
+            try:
+                fd = os.open(target, _READ)
+            except FileNotFoundError:
+                self._drop_executable(digest.hash)
+                continue
+            try:
+                info = os.fstat(fd)
+                if self._good_exe.get(digest.hash) == signature_of(info):
+                    return Path(target)
+                if hash_fd(fd, info.st_size) == (digest.hash, digest.size):
+                    self._good_exe[digest.hash] = signature_of(info)
+                    return Path(target)
+            finally:
+                os.close(fd)
+            log.warning("executable copy of blob %s was damaged on disk; making it again", digest)
+            self._drop_executable(digest.hash)
+        raise NotFound(f"blob {digest} is not in the CAS")
+
+    def _make_executable(self, digest: Digest, source: str, target: str) -> None:
         reservation = Reservation(self)
         temp = self.new_temp_path("exe-")
         placed = False
         try:
             reservation.grow(digest.size)
             fd = os.open(temp, _NEW_FILE, 0o600)
+            hasher = hashlib.sha256()
             try:
                 with open(source, "rb") as blob:
                     while chunk := blob.read(_CHUNK):
+                        hasher.update(chunk)
                         _write_fd(fd, chunk)
                 os.fchmod(fd, 0o555)
+                flush_data(fd, self.durability)
+                info = os.fstat(fd)
             finally:
                 os.close(fd)
+            if (hasher.hexdigest(), info.st_size) != (digest.hash, digest.size):
+                self.discard_damaged(digest, os.stat(source).st_ino)
             with self._lock:
                 self._consume_locked(reservation)
                 if digest.hash not in self._lru:
@@ -233,10 +483,13 @@ class DiskBlobStore:
                     os.replace(temp, target)
                     placed = True
                     self._exe[digest.hash] = digest.size
+                    self._good_exe[digest.hash] = signature_of(info)
                     self._total += digest.size
                     evicted = self._evict_locked(keep=digest.hash)
                 else:
                     evicted = 0
+            if placed:
+                flush_directories([self._executables_str], self.durability)
             self._log_evicted(evicted)
         except FileNotFoundError:
             raise NotFound(f"blob {digest} is not in the CAS") from None
@@ -247,40 +500,215 @@ class DiskBlobStore:
             reservation.release()
             if not placed:
                 _unlink(temp)
-        return Path(target)
 
     # ----------------------------------------------------------------- writes
 
     def put(self, digest: Digest, data: bytes) -> None:
         """Stores bytes that must hash to `digest`; raises InvalidArgument if they do not."""
-        actual = Digest.of(data)
-        if actual != digest:
-            raise InvalidArgument(f"data hashes to {actual}, not to the declared digest {digest}")
-        if digest.is_empty or self.contains(digest):
-            return
-        self.check_fits(digest)
+        (error,) = self.put_many([(digest, data)])
+        if error is not None:
+            raise error
+
+    def put_many(self, items: Sequence[tuple[Digest, bytes]]) -> list[ServiceError | None]:
+        """Stores many small blobs with one pass over the index for the lot (BatchUpdateBlobs
+        and ByteStream writes of small blobs): checked, written to temporary files, then
+        renamed into place in groups under the lock. Returns an error or None per item;
+        a blob that does not hash to its digest is InvalidArgument and nothing else fails
+        because of it."""
+        results: list[ServiceError | None] = [None] * len(items)
+        todo: list[int] = []
+        for i, (digest, data) in enumerate(items):
+            if len(data) != digest.size or hashlib.sha256(data).hexdigest() != digest.hash:
+                actual = Digest.of(data)
+                results[i] = InvalidArgument(
+                    f"data hashes to {actual}, not to the declared digest {digest}"
+                )
+            elif digest.size > self.max_bytes:
+                results[i] = ResourceExhausted(
+                    f"blob {digest} is larger than the whole CAS ({self.max_bytes} bytes)"
+                )
+            elif not digest.is_empty:
+                todo.append(i)
+        if not todo:
+            return results
+        new: list[int] = []
+        seen: set[str] = set()
+        with self._lock:
+            for i in todo:
+                digest = items[i][0]
+                if self._lru.get(digest.hash) == digest.size:
+                    self._lru.move_to_end(digest.hash)
+                elif digest.hash not in seen:
+                    seen.add(digest.hash)
+                    new.append(i)
+        if not new:
+            return results
         reservation = Reservation(self)
-        reservation.grow(digest.size)
-        # Plain os calls: batches of small blobs made NamedTemporaryFile the main cost.
-        temp = f"{self._tmp}/put-{uuid.uuid4().hex}"
         try:
-            fd = os.open(temp, _NEW_FILE, 0o444)
-            try:
-                _write_fd(fd, data)
-            finally:
-                os.close(fd)
-            self._install(temp, digest, reservation)
+            reservation.grow(sum(items[i][0].size for i in new))
+        except ResourceExhausted as error:
+            for i in new:
+                results[i] = error
+            return results
+        journalled = self._journal_small(items, new, reservation)
+        written: list[tuple[int, str, os.stat_result]] = []
+        try:
+            for i in new:
+                if i in journalled:
+                    continue
+                digest, data = items[i]
+                temp = f"{self._tmp}/put-{next(self._temp_names)}"
+                try:
+                    fd = os.open(temp, _NEW_FILE, 0o444)
+                    try:
+                        _write_fd(fd, data)
+                        flush_data(fd, self.durability)
+                        info = os.fstat(fd)
+                    finally:
+                        os.close(fd)
+                except OSError as error:
+                    _unlink(temp)
+                    results[i] = _storage_error(error, f"blob {digest}")
+                    continue
+                written.append((i, temp, info))
+            placed = self._install_many(
+                [(items[i][0], temp, info) for i, temp, info in written], reservation
+            )
+            flush_directories((os.path.dirname(path) for path in placed), self.durability)
+            written = []
         except OSError as error:
-            _unlink(temp)
-            raise_if_disk_full(error, f"blob {digest}")
-            raise
+            failure = _storage_error(error, f"{len(written)} blobs")
+            for i, _, _ in written:
+                results[i] = failure
         finally:
             reservation.release()
+            for _, temp, _ in written:
+                _unlink(temp)
+        return results
 
-    def new_temp_file(self) -> tempfile._TemporaryFileWrapper[bytes]:
-        """A temporary file on the CAS's filesystem, deleted on close unless committed."""
-        # Unbuffered: a full disk fails in write_all(), never again at close.
-        return tempfile.NamedTemporaryFile(dir=self._tmp, prefix="blob-", buffering=0)
+    def _journal_small(
+        self, items: Sequence[tuple[Digest, bytes]], new: list[int], reservation: Reservation
+    ) -> set[int]:
+        """Stores the small ones of `new` through the journal: one append for all of them,
+        then they are indexed (and served from memory) until the background thread has
+        made them files. Returns which items it took; the others go to files directly."""
+        small = [i for i in new if items[i][0].size <= JOURNAL_MAX_BLOB]
+        size = sum(items[i][0].size for i in small)
+        if not small or self._pending_bytes + size > PENDING_LIMIT:
+            return set()
+        try:
+            segment = self._journal.append([(items[i][0].hash, items[i][1]) for i in small])
+        except OSError as error:
+            log.warning("CAS journal: append failed (%s); writing files directly", error)
+            return set()
+        already = 0
+        keep = None
+        with self._lock:
+            self._consume_locked(reservation)
+            for i in small:
+                digest, data = items[i]
+                stored = self._lru.get(digest.hash)
+                if stored == digest.size:  # stored by another writer meanwhile
+                    self._lru.move_to_end(digest.hash)
+                    already += 1
+                    continue
+                if stored is not None:  # a file of another size (torn): replaced when made
+                    self._total -= stored
+                    self._good.pop(digest.hash, None)
+                self._lru[digest.hash] = digest.size
+                self._lru.move_to_end(digest.hash)
+                self._pending[digest.hash] = _PendingBlob(data, segment)
+                self._pending_bytes += digest.size
+                self._total += digest.size
+                keep = digest.hash
+            evicted = self._evict_locked(keep=keep) if keep is not None else 0
+            if keep is not None:
+                if self._materializer is None:
+                    self._materializer = threading.Thread(
+                        target=self._materialize_forever, name="cas-journal", daemon=True
+                    )
+                    self._materializer.start()
+                self._work.notify()
+        if already:
+            self._journal.done(segment, already)
+        self._log_evicted(evicted)
+        return set(small)
+
+    def _materialize_forever(self) -> None:
+        """The background thread that turns journalled blobs into files."""
+        while True:
+            with self._lock:
+                while not self._pending and not self._closed:
+                    self._work.wait()
+                few = len(self._pending) < _MATERIALIZE_GROUP // 4
+            if few:
+                # Let a trickle of single writes gather: one wake-up per group of files, not
+                # one per blob (each costs the event loop a GIL hand-over).
+                time.sleep(_MATERIALIZE_DELAY_S)
+            with self._lock:
+                if self._closed:
+                    return
+                batch = list(itertools.islice(self._pending.items(), _MATERIALIZE_GROUP))
+            try:
+                self._materialize(batch)
+            except Exception:
+                if not self._tmp.is_dir():
+                    return  # The store's directory was removed under it: nothing to do.
+                log.exception("CAS journal: cannot make blobs into files yet; retrying")
+                time.sleep(1)
+
+    def close(self) -> None:
+        """Makes every journalled blob a file (so a clean stop leaves no journal behind) and
+        stops the background thread. If that fails (a full disk), the journal keeps them for
+        the next start."""
+        try:
+            self.flush()
+        except OSError as error:
+            log.warning("CAS journal: blobs left in the journal for the next start: %s", error)
+        with self._lock:
+            self._closed = True
+            self._work.notify_all()
+
+    def _materialize(self, batch: list[tuple[str, _PendingBlob]]) -> None:
+        """Writes journalled blobs to files and renames them into place (those still pending:
+        another thread may have done it, or eviction dropped them, meanwhile); their journal
+        records are done once the files are (under fsync: durably) there."""
+        written: list[tuple[str, _PendingBlob, str, os.stat_result]] = []
+        try:
+            for hash_, entry in batch:
+                temp = f"{self._tmp}/journal-{next(self._temp_names)}"
+                fd = os.open(temp, _NEW_FILE, 0o444)
+                try:
+                    _write_fd(fd, entry.data)
+                    flush_data(fd, self.durability)
+                    info = os.fstat(fd)
+                finally:
+                    os.close(fd)
+                written.append((hash_, entry, temp, info))
+        except OSError:
+            for _, _, temp, _ in written:
+                _unlink(temp)
+            raise
+        placed: list[str] = []
+        finished: list[Segment] = []
+        leftover: list[str] = []
+        with self._lock:
+            for hash_, entry, temp, info in written:
+                if self._pending.get(hash_) is not entry:
+                    leftover.append(temp)
+                    continue
+                target = self.hash_path(hash_)
+                os.replace(temp, target)
+                placed.append(target)
+                del self._pending[hash_]
+                self._pending_bytes -= len(entry.data)
+                self._good[hash_] = signature_of(info)
+                finished.append(entry.segment)
+        for temp in leftover:
+            _unlink(temp)
+        flush_directories((os.path.dirname(path) for path in placed), self.durability)
+        for segment in finished:
+            self._journal.done(segment)
 
     def new_temp_path(self, prefix: str = "upload-") -> str:
         """A fresh name for a file on the CAS's filesystem (not created; the directory is
@@ -312,8 +740,14 @@ class DiskBlobStore:
             self.check_fits(digest)
             own.grow(digest.size - own.bytes)
             os.chmod(temp_path, 0o444)
+            if self.durability != "none":
+                fd = os.open(temp_path, _READ)
+                try:
+                    flush_data(fd, self.durability)
+                finally:
+                    os.close(fd)
             os.link(temp_path, staged)
-            self._install(staged, digest, own)
+            self._install(staged, digest, own, os.stat(staged))
         except OSError as error:
             _unlink(staged)
             raise_if_disk_full(error, f"blob {digest}")
@@ -355,6 +789,8 @@ class DiskBlobStore:
                     hasher.update(chunk)
                     _write_fd(out, chunk)
                     size += len(chunk)
+                flush_data(out, self.durability)
+                info = os.fstat(out)
             finally:
                 os.close(out)
             digest = Digest(hasher.hexdigest(), size)
@@ -362,7 +798,7 @@ class DiskBlobStore:
                 return digest
             self.check_fits(digest)
             os.chmod(temp, 0o444)
-            self._install(temp, digest, reservation)
+            self._install(temp, digest, reservation, info)
             placed = True
             return digest
         except OSError as error:
@@ -372,6 +808,30 @@ class DiskBlobStore:
             reservation.release()
             if not placed:
                 _unlink(temp)
+
+    # ----------------------------------------------------------- damage
+
+    def discard_damaged(self, digest: Digest, inode: int) -> NoReturn:
+        """Removes a blob found damaged (the file with this inode) and raises BlobDamaged.
+        A good copy stored in its place since (another inode) is left alone."""
+        path = self.hash_path(digest.hash)
+        with self._lock:
+            try:
+                current = os.stat(path).st_ino
+            except FileNotFoundError:
+                current = None
+            if current == inode:
+                if digest.hash in self._lru:
+                    self._drop_locked(digest.hash)
+                else:
+                    _unlink(path)
+            elif current is None and digest.hash in self._lru:
+                self._drop_locked(digest.hash)
+        log.warning("blob %s was damaged on disk (its bytes no longer match); removed", digest)
+        raise BlobDamaged(
+            f"blob {digest} was damaged on disk (its bytes no longer match its digest) and "
+            "has been removed; upload it again"
+        )
 
     # ---------------------------------------------------------- bookkeeping
 
@@ -417,25 +877,60 @@ class DiskBlobStore:
         self._reserved -= reservation.bytes
         reservation.bytes = 0
 
-    def _install(self, staged: str, digest: Digest, reservation: Reservation) -> None:
+    def mark_good(self, hash_: str, info: os.stat_result) -> None:
+        """Records that the blob file `info` describes was just found to hold its bytes."""
+        with self._lock:
+            if hash_ in self._lru:
+                self._good[hash_] = signature_of(info)
+
+    def _install(
+        self, staged: str, digest: Digest, reservation: Reservation, info: os.stat_result
+    ) -> None:
         """Renames a complete, verified 0444 file into place and indexes it, in one step under
         the lock; the reservation becomes the blob's size. `staged` is gone afterwards unless
         this raised."""
-        with self._lock:
-            self._consume_locked(reservation)
-            if digest.hash in self._lru:
-                self._lru.move_to_end(digest.hash)
-                present = True
-            else:
-                os.replace(staged, self.hash_path(digest.hash))
-                present = False
-                self._lru[digest.hash] = digest.size
-                self._total += digest.size
-                evicted = self._evict_locked(keep=digest.hash)
-        if present:
-            _unlink(staged)
-        else:
-            self._log_evicted(evicted)
+        placed = self._install_many([(digest, staged, info)], reservation)
+        flush_directories((os.path.dirname(path) for path in placed), self.durability)
+
+    def _install_many(
+        self, staged: list[tuple[Digest, str, os.stat_result]], reservation: Reservation
+    ) -> list[str]:
+        """Renames complete, verified 0444 files into place and indexes them, each in one step
+        under the lock (a few dozen per hold); the reservation pays for them. A blob already
+        stored whole is left as it is (its staged file is deleted); one indexed with another
+        size (a file torn by a crash) is replaced. Returns the paths that were placed. If
+        this raises, the staged files not yet placed are the caller's to delete."""
+        placed: list[str] = []
+        leftover: list[str] = []
+        evicted = 0
+        consumed = False
+        for start in range(0, len(staged), _INSTALL_GROUP):
+            with self._lock:
+                if not consumed:
+                    self._consume_locked(reservation)
+                    consumed = True
+                for digest, path, info in staged[start : start + _INSTALL_GROUP]:
+                    size = self._lru.get(digest.hash)
+                    if size == digest.size:
+                        self._lru.move_to_end(digest.hash)
+                        leftover.append(path)
+                        continue
+                    target = self.hash_path(digest.hash)
+                    os.replace(path, target)
+                    placed.append(target)
+                    if size is not None:
+                        self._total -= size
+                        self._good.pop(digest.hash, None)
+                    self._lru[digest.hash] = digest.size
+                    self._lru.move_to_end(digest.hash)
+                    self._good[digest.hash] = signature_of(info)
+                    self._total += digest.size
+                    keep = digest.hash
+                evicted += self._evict_locked(keep=keep) if placed else 0
+        for path in leftover:
+            _unlink(path)
+        self._log_evicted(evicted)
+        return placed
 
     def _evict_locked(self, keep: str | None) -> int:
         """Evicts least recently used blobs (never `keep`) until blobs plus reservations fit
@@ -455,11 +950,24 @@ class DiskBlobStore:
 
     def _drop_locked(self, hash_: str) -> None:
         self._total -= self._lru.pop(hash_)
+        self._good.pop(hash_, None)
+        entry = self._pending.pop(hash_, None)
+        if entry is not None:
+            self._pending_bytes -= len(entry.data)
+            self._journal.done(entry.segment)
         _unlink(self.hash_path(hash_))
+        self._drop_executable_locked(hash_)
+
+    def _drop_executable_locked(self, hash_: str) -> None:
         exe_size = self._exe.pop(hash_, None)
+        self._good_exe.pop(hash_, None)
         if exe_size is not None:
             self._total -= exe_size
             _unlink(self._exe_path(hash_))
+
+    def _drop_executable(self, hash_: str) -> None:
+        with self._lock:
+            self._drop_executable_locked(hash_)
 
     def _log_evicted(self, evicted: int) -> None:
         if evicted:
@@ -470,3 +978,26 @@ class DiskBlobStore:
         with self._lock:
             if hash_ in self._lru and not os.path.exists(self.hash_path(hash_)):
                 self._drop_locked(hash_)
+
+
+def _read_exactly(fd: int, size: int) -> bytes:
+    """Up to `size` bytes from offset 0 of an open file (fewer if it is shorter)."""
+    data = os.pread(fd, size, 0)
+    if len(data) == size or not data:
+        return data
+    parts = [data]
+    got = len(data)
+    while got < size and (more := os.pread(fd, size - got, got)):
+        parts.append(more)
+        got += len(more)
+    return b"".join(parts)
+
+
+def _storage_error(error: OSError, what: str) -> ServiceError:
+    """The error a client sees for a failed write: ResourceExhausted for a full disk."""
+    try:
+        raise_if_disk_full(error, what)
+    except ResourceExhausted as full:
+        return full
+    log.error("cannot store %s: %s", what, error)
+    return Internal(f"cannot store {what}: {error.strerror}")

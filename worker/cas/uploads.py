@@ -68,6 +68,7 @@ class UploadTracker:
         self.max_uploads = max_uploads
         self._lock = threading.Lock()
         self._uploads: dict[tuple[str, Digest], PartialUpload] = {}
+        self._next_sweep = 0.0
         store.add_reclaimer(self.expire)
 
     def __len__(self) -> int:
@@ -181,6 +182,12 @@ class UploadTracker:
             if not upload.ended:
                 self._end_locked(upload)
 
+    def expire_if_due(self) -> None:
+        """expire(), at most once a second: for writes that need no partial upload (a blob
+        sent whole), so that stale uploads still go while only such writes come."""
+        if self._uploads and self.clock() >= self._next_sweep:
+            self.expire()
+
     def expire(self) -> None:
         """Drops uploads idle for longer than the TTL (and deletes their files)."""
         with self._lock:
@@ -218,7 +225,9 @@ class UploadTracker:
         """Removes stale uploads from the table (tracker lock held). An upload whose lock is
         taken is being written to right now, so it is not stale; the others are marked ended
         under their own lock, so no stream writes to them once this returns."""
-        cutoff = self.clock() - self._ttl_s
+        now = self.clock()
+        self._next_sweep = now + 1.0
+        cutoff = now - self._ttl_s
         expired = []
         for key, upload in list(self._uploads.items()):
             if upload.last_used >= cutoff or not upload.lock.acquire(blocking=False):

@@ -119,7 +119,8 @@ def load_input_tree(
     max_entries: int = 1_000_000,
 ) -> InputTree:
     """Reads and checks the whole tree; every missing Directory or file blob is reported at once
-    as FAILED_PRECONDITION with one MISSING violation each. A tree deeper than `max_depth`
+    as FAILED_PRECONDITION with one MISSING violation each (a damaged one, whose bytes no
+    longer match its digest, is removed and reported the same). A tree deeper than `max_depth`
     directories or with more than `max_entries` entries (counted as staged: a Directory used
     twice counts twice) is INVALID_ARGUMENT."""
     directories: list[tuple[str, re_pb2.Directory]] = []
@@ -152,7 +153,9 @@ def load_input_tree(
     file_digests = {
         Digest.from_proto(node.digest) for _, directory in directories for node in directory.files
     }
-    missing.extend(store.find_missing(file_digests))
+    # Damaged blobs count as missing: a file changed since it was last known good is hashed
+    # again here (once; unchanged files are not read), so no action is staged from one.
+    missing.extend(store.find_missing_or_damaged(file_digests))
     if missing:
         raise FailedPrecondition(
             f"{len(missing)} input blob(s) missing from the CAS",

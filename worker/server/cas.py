@@ -8,10 +8,10 @@ from collections import deque
 from collections.abc import AsyncIterator
 from typing import Any
 
-import anyio
 import grpc
 from google.protobuf.message import DecodeError
 
+from worker.cas import io_threads
 from worker.cas.disk_store import DiskBlobStore
 from worker.digests import Digest
 from worker.errors import OK_STATUS, InvalidArgument, NotFound, ServiceError, to_status_proto
@@ -55,26 +55,45 @@ class ContentAddressableStorageServicer(re_grpc.ContentAddressableStorageService
         self, request: re_pb2.FindMissingBlobsRequest, context: Context
     ) -> re_pb2.FindMissingBlobsResponse:
         digests = [Digest.from_proto(d) for d in request.blob_digests]
-        missing = self._store.find_missing(digests)
-        return re_pb2.FindMissingBlobsResponse(missing_blob_digests=[d.to_proto() for d in missing])
+        # In a thread: the index's lock may be held by a writer renaming files into place.
+        missing = set(await io_threads.run(self._store.find_missing, digests))
+        # The request's own messages go back (no new ones to build), in the request's order.
+        return re_pb2.FindMissingBlobsResponse(
+            missing_blob_digests=[
+                proto
+                for proto, digest in zip(request.blob_digests, digests, strict=True)
+                if digest in missing
+            ]
+        )
 
     @rpc_errors
     async def BatchUpdateBlobs(
         self, request: re_pb2.BatchUpdateBlobsRequest, context: Context
     ) -> re_pb2.BatchUpdateBlobsResponse:
         _check_batch_size(sum(len(r.data) for r in request.requests), self._max_batch)
-        return await anyio.to_thread.run_sync(self._update_all, request)
+        # The disk work of the whole batch is one worker thread call.
+        return await io_threads.run(self._update_all, request)
 
     def _update_all(
         self, request: re_pb2.BatchUpdateBlobsRequest
     ) -> re_pb2.BatchUpdateBlobsResponse:
-        response = re_pb2.BatchUpdateBlobsResponse()
-        for item in request.requests:
+        items: list[tuple[Digest, bytes]] = []
+        where: list[int] = []  # index into items of each request, -1 if its digest is bad
+        errors: dict[int, ServiceError] = {}
+        for i, item in enumerate(request.requests):
             try:
-                self._store.put(Digest.from_proto(item.digest), item.data)
-                status = OK_STATUS
-            except ServiceError as error:
-                status = to_status_proto(error)
+                digest = Digest.from_proto(item.digest)
+            except InvalidArgument as bad:
+                errors[i] = bad
+                where.append(-1)
+                continue
+            where.append(len(items))
+            items.append((digest, item.data))
+        results = self._store.put_many(items)
+        response = re_pb2.BatchUpdateBlobsResponse()
+        for i, item in enumerate(request.requests):
+            failure = errors.get(i) if where[i] < 0 else results[where[i]]
+            status = OK_STATUS if failure is None else to_status_proto(failure)
             response.responses.add(digest=item.digest, status=status)
         return response
 
@@ -84,16 +103,18 @@ class ContentAddressableStorageServicer(re_grpc.ContentAddressableStorageService
     ) -> re_pb2.BatchReadBlobsResponse:
         digests = [Digest.from_proto(d) for d in request.digests]
         _check_batch_size(sum(d.size for d in digests), self._max_batch)
-        return await anyio.to_thread.run_sync(self._read_all, digests)
+        return await io_threads.run(self._read_all, request, digests)
 
-    def _read_all(self, digests: list[Digest]) -> re_pb2.BatchReadBlobsResponse:
+    def _read_all(
+        self, request: re_pb2.BatchReadBlobsRequest, digests: list[Digest]
+    ) -> re_pb2.BatchReadBlobsResponse:
+        """Every blob read and checked against its digest (a damaged one is DATA_LOSS)."""
         response = re_pb2.BatchReadBlobsResponse()
-        for digest in digests:
-            try:
-                data = self._store.read(digest)
-                response.responses.add(digest=digest.to_proto(), data=data, status=OK_STATUS)
-            except ServiceError as error:
-                response.responses.add(digest=digest.to_proto(), status=to_status_proto(error))
+        for proto, result in zip(request.digests, self._store.read_many(digests), strict=True):
+            if isinstance(result, bytes):
+                response.responses.add(digest=proto, data=result, status=OK_STATUS)
+            else:
+                response.responses.add(digest=proto, status=to_status_proto(result))
         return response
 
     @rpc_errors
@@ -118,9 +139,9 @@ class ContentAddressableStorageServicer(re_grpc.ContentAddressableStorageService
         start = _decode_page_token(request.page_token, root)
         most = request.page_size or sys.maxsize
         walk = TreeWalk(self._store, root)
-        await anyio.to_thread.run_sync(walk.skip, start)
+        await io_threads.run(walk.skip, start)
         while True:
-            page = await anyio.to_thread.run_sync(walk.page, most, self._tree_budget)
+            page = await io_threads.run(walk.page, most, self._tree_budget)
             token = _encode_page_token(root, walk.position) if walk.more else ""
             yield re_pb2.GetTreeResponse(directories=page, next_page_token=token)
             if not walk.more:
