@@ -9,8 +9,10 @@ concurrent leases that need the same blob wait for the one download already unde
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
+import os
 import uuid
 from collections.abc import AsyncIterator, Coroutine, Iterable, Sequence
 from pathlib import Path
@@ -20,7 +22,7 @@ import anyio
 import grpc
 
 from worker.bots.scheduler import MAX_MESSAGE_BYTES
-from worker.cas.disk_store import DiskBlobStore, write_all
+from worker.cas.disk_store import DiskBlobStore, pwrite_all
 from worker.digests import Digest
 from worker.errors import (
     FailedPrecondition,
@@ -240,7 +242,9 @@ class RemoteCas:
     ) -> None:
         hasher = hashlib.sha256()
         size = 0
-        with self._store.new_temp_file() as temp:
+        temp = self._store.new_temp_path("fetch-")
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
             try:
                 call = self._bytestream.Read(
                     bs_pb2.ReadRequest(resource_name=self._resource(digest)),
@@ -251,7 +255,9 @@ class RemoteCas:
                     if size > digest.size:
                         break
                     hasher.update(chunk.data)
-                    write_all(temp, chunk.data)
+                    await anyio.to_thread.run_sync(
+                        pwrite_all, fd, chunk.data, size - len(chunk.data)
+                    )
             except grpc.aio.AioRpcError as error:
                 if error.code() == grpc.StatusCode.NOT_FOUND:
                     outcome[digest] = FailedPrecondition("missing", missing=[digest.subject()])
@@ -259,7 +265,11 @@ class RemoteCas:
                 raise _unavailable(f"send blob {digest}", error) from None
             if size != digest.size or hasher.hexdigest() != digest.hash:
                 raise Unavailable(f"the scheduler's CAS sent bytes that do not hash to {digest}")
-            await anyio.to_thread.run_sync(self._store.commit, Path(temp.name), digest)
+            await anyio.to_thread.run_sync(self._store.commit, Path(temp), digest)
+        finally:
+            os.close(fd)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(temp)
         outcome[digest] = None
 
     async def fetch_action(self, action: re_pb2.Action, max_depth: int, max_entries: int) -> None:
@@ -384,7 +394,11 @@ class RemoteCas:
         resource = self._resource(digest, upload=True)
 
         async def requests() -> AsyncIterator[bs_pb2.WriteRequest]:
-            with self._store.open(digest) as blob:
+            if digest.is_empty:
+                yield bs_pb2.WriteRequest(resource_name=resource, finish_write=True)
+                return
+            fd, _ = await anyio.to_thread.run_sync(self._store.open_fd, digest)
+            with os.fdopen(fd, "rb", buffering=0) as blob:
                 offset = 0
                 while True:
                     data = await anyio.to_thread.run_sync(blob.read, CHUNK_BYTES)
