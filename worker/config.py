@@ -66,6 +66,23 @@ class PoolSettings(Section):
         description="how actions start: a `docker exec` of the runner each, or a request to "
         "the agent that is the sidecar's main process",
     )
+    pull_policy: Literal["if_not_present", "always"] = Field(
+        "if_not_present",
+        description="`always`: a tag is re-resolved (pulled) at most every pull_interval_s; "
+        "an image named by digest is never pulled again",
+    )
+    pull_interval_s: float = Field(300, gt=0, description="pull_policy always: least time apart")
+    scale_up_wait_s: float | None = Field(
+        None,
+        gt=0,
+        description="autoscaling: when a lease waits longer than this, more sidecars are "
+        "pre-warmed (one per waiting lease, at least one); off when unset",
+    )
+    when_drained: Literal["refuse", "wait"] = Field(
+        "refuse",
+        description="what a new action for a drained pool gets: UNAVAILABLE at once, or a wait "
+        "until the drain is lifted",
+    )
 
 
 class ExecutionSettings(Section):
@@ -150,6 +167,23 @@ class ExecutionSettings(Section):
         return self.image_pools.get(image, self.pool)
 
 
+class MetricsSettings(Section):
+    listen: str | None = Field(
+        None, description="HOST:PORT of the Prometheus endpoint (/metrics); off when unset"
+    )
+
+
+class AdminSettings(Section):
+    listen: str | None = Field(
+        None,
+        description="the admin gRPC interface: `unix:PATH` or HOST:PORT; default "
+        "unix:DATA_DIR/admin.sock (never the REAPI port)",
+    )
+    reload_interval_s: float = Field(
+        5, ge=0, description="how often the config file is checked for changes; 0: SIGHUP only"
+    )
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="SIDECAR_EXECUTOR_", env_nested_delimiter="__", extra="forbid"
@@ -159,6 +193,8 @@ class Settings(BaseSettings):
     server: ServerSettings = ServerSettings()
     storage: StorageSettings = StorageSettings()
     execution: ExecutionSettings = ExecutionSettings()
+    metrics: MetricsSettings = MetricsSettings()
+    admin: AdminSettings = AdminSettings()
 
     @model_validator(mode="after")
     def _batch_fits_in_a_message(self) -> Settings:
@@ -172,6 +208,11 @@ class Settings(BaseSettings):
     @property
     def exec_root(self) -> Path:
         return (self.execution.exec_root or self.data_dir / "exec").absolute()
+
+    @property
+    def admin_address(self) -> str:
+        """Where the admin interface listens (and where the CLI finds it)."""
+        return self.admin.listen or f"unix:{(self.data_dir / 'admin.sock').absolute()}"
 
 
 def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:

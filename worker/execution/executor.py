@@ -79,7 +79,7 @@ def now() -> timestamp_pb2.Timestamp:
 
 M = TypeVar("M", re_pb2.Action, re_pb2.Command)
 T = TypeVar("T")
-Release = Callable[[Sidecar, bool], Awaitable[None]]
+Release = Callable[[Sidecar, bool, str], Awaitable[None]]
 
 # Room for the paths and numbers of a request within the agent's limit.
 MAX_COMMAND_BYTES = MAX_AGENT_REQUEST_BYTES - 64 * 1024
@@ -145,6 +145,17 @@ def action_environment(command: re_pb2.Command, action: ActionDir) -> dict[str, 
     env = {"HOME": str(action.home), "TMPDIR": str(action.tmp)}
     env.update((v.name, v.value) for v in command.environment_variables)
     return env
+
+
+def retire_reason(outcome: RunOutcome, key: PoolKey) -> str:
+    """Why a sidecar may not serve again after this outcome (pool.events.RETIRE_REASONS)."""
+    if outcome.oom_kills:
+        return "oom"
+    if outcome.kind in ("timeout", "cancelled"):
+        return outcome.kind
+    if outcome.sidecar_reusable and key.single_use:
+        return "single_use"
+    return "unclean"
 
 
 class ActionExecutor:
@@ -221,7 +232,12 @@ class ActionExecutor:
         )
         check_action_paths(tree, command)
         # Pulls the image if needed; waits a while for a daemon that is away.
-        key = await self._patiently(functools.partial(self._pools.key_for, platform), cancelled)
+        key = await self._patiently(
+            functools.partial(
+                self._pools.key_for, platform.image, platform.user, platform.network
+            ),
+            cancelled,
+        )
         outcome = await self._run(
             platform, key, tree, command, timeout_s, cancelled, metadata, response
         )
@@ -258,7 +274,7 @@ class ActionExecutor:
 
             return lease
 
-        async def destroy(sidecar: Sidecar, reusable: bool) -> None:
+        async def destroy(sidecar: Sidecar, reusable: bool, reason: str) -> None:
             await self._pools.destroy(sidecar)
 
         async def create() -> tuple[Sidecar, Release]:
@@ -299,6 +315,7 @@ class ActionExecutor:
             assert sidecar.directory is not None
             action = ActionDir.new(sidecar.directory)
             reusable = False
+            reason = "unclean"
             try:
                 outcome = await self._run_in(
                     sidecar,
@@ -313,6 +330,7 @@ class ActionExecutor:
                     response,
                 )
                 reusable = outcome.sidecar_reusable and not key.single_use
+                reason = retire_reason(outcome, key)
                 return outcome
             except (ContainerGone, ContainerNotRunning) as error:
                 log.warning("sidecar %s unusable (%s)", sidecar.short_id, error)
@@ -329,7 +347,7 @@ class ActionExecutor:
                     reusable = await anyio.to_thread.run_sync(self._discard, action)
                     if reusable:
                         self._remove_later(action.name)
-                await release(sidecar, reusable)
+                await release(sidecar, reusable, reason)
 
     async def _run_in(
         self,
