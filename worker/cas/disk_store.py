@@ -13,6 +13,7 @@ import threading
 import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
@@ -78,6 +79,17 @@ class Reservation:
             self._store._release(n)
 
 
+@dataclass
+class CasCounters:
+    """Totals since the store opened, for the metrics (plain counts, read without the lock)."""
+
+    lookups: int = 0  # digests asked about by FindMissingBlobs
+    lookup_hits: int = 0  # of those, stored
+    evictions: int = 0  # blobs evicted to stay under max_bytes
+    bytes_stored: int = 0  # bytes of new blobs written in
+    bytes_read: int = 0  # bytes of blobs opened for reading (clients' reads, action loads)
+
+
 class DiskBlobStore:
     """Blobs live at `<root>/blobs/<hash[:2]>/<hash>`, read-only (0444).
 
@@ -116,6 +128,7 @@ class DiskBlobStore:
         self._total = 0  # blobs plus executable copies
         self._reserved = 0  # data on its way in
         self._reclaimers: list[Callable[[], None]] = []
+        self.counters = CasCounters()
         self._load_index()
 
     def _load_index(self) -> None:
@@ -179,7 +192,15 @@ class DiskBlobStore:
             return True
 
     def find_missing(self, digests: Iterable[Digest]) -> list[Digest]:
-        return [d for d in digests if not self.contains(d)]
+        asked = list(digests)
+        missing = [d for d in asked if not self.contains(d)]
+        self.counters.lookups += len(asked)
+        self.counters.lookup_hits += len(asked) - len(missing)
+        return missing
+
+    @property
+    def blob_count(self) -> int:
+        return len(self._lru)
 
     def read(self, digest: Digest) -> bytes:
         if digest.is_empty:
@@ -193,7 +214,9 @@ class DiskBlobStore:
             return open(os.devnull, "rb")
         self.require(digest)
         try:
-            return open(self.blob_path(digest), "rb")
+            stream = open(self.blob_path(digest), "rb")
+            self.counters.bytes_read += digest.size
+            return stream
         except FileNotFoundError:  # Evicted since require(), or removed behind our back.
             self._forget(digest.hash)
             raise NotFound(f"blob {digest} is not in the CAS") from None
@@ -431,6 +454,7 @@ class DiskBlobStore:
                 present = False
                 self._lru[digest.hash] = digest.size
                 self._total += digest.size
+                self.counters.bytes_stored += digest.size
                 evicted = self._evict_locked(keep=digest.hash)
         if present:
             _unlink(staged)
@@ -451,6 +475,7 @@ class DiskBlobStore:
                 continue
             self._drop_locked(oldest)
             evicted += 1
+        self.counters.evictions += evicted
         return evicted
 
     def _drop_locked(self, hash_: str) -> None:

@@ -26,6 +26,7 @@ __all__ = ["ACK_DEADLINE_S", "AgentRun", "connect_agent"]
 
 log = logging.getLogger(__name__)
 
+
 class AgentRun:
     """Runs an action through a sidecar's agent; the same contract as SidecarRun.run."""
 

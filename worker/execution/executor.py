@@ -233,9 +233,7 @@ class ActionExecutor:
         check_action_paths(tree, command)
         # Pulls the image if needed; waits a while for a daemon that is away.
         key = await self._patiently(
-            functools.partial(
-                self._pools.key_for, platform.image, platform.user, platform.network
-            ),
+            functools.partial(self._pools.key_for, platform.image, platform.user, platform.network),
             cancelled,
         )
         outcome = await self._run(

@@ -24,9 +24,14 @@ class OperationState:
     The server MUST NOT set the `error` field of the `Operation` proto"."""
 
     def __init__(
-        self, name: str, action_digest: Digest, clock: Callable[[], float] = time.monotonic
+        self,
+        name: str,
+        action_digest: Digest,
+        clock: Callable[[], float] = time.monotonic,
+        on_finish: Callable[[re_pb2.ExecuteResponse], None] | None = None,
     ) -> None:
         self.name = name
+        self._on_finish = on_finish
         self._clock = clock
         self.action_digest = action_digest
         self.stage: re_pb2.ExecutionStage.Value.ValueType = Stage.CACHE_CHECK
@@ -57,6 +62,8 @@ class OperationState:
             self.response = response
             self.finished_at = self._clock()
             self._notify()
+            if self._on_finish is not None:
+                self._on_finish(response)
 
     def finish_with_status(self, status: status_pb2.Status) -> None:
         """Ends the operation with an ExecuteResponse whose status is `status` (CANCELLED,
@@ -99,7 +106,10 @@ class OperationStore:
         keep_done_s: float = 3600,
         max_done: int = 10_000,
         clock: Callable[[], float] = time.monotonic,
+        on_finish: Callable[[re_pb2.ExecuteResponse], None] | None = None,
     ) -> None:
+        """`on_finish` sees every operation's final response once (the metrics)."""
+        self._on_finish = on_finish
         self._keep_done_s = keep_done_s
         self._max_done = max_done
         self._clock = clock
@@ -107,7 +117,9 @@ class OperationStore:
 
     def create(self, action_digest: Digest) -> OperationState:
         self._prune()
-        state = OperationState(f"operations/{uuid.uuid4()}", action_digest, self._clock)
+        state = OperationState(
+            f"operations/{uuid.uuid4()}", action_digest, self._clock, self._on_finish
+        )
         self._operations[state.name] = state
         return state
 
@@ -136,6 +148,9 @@ class OperationStore:
         chosen = names[start : start + size]
         following = names[start + size] if start + size < len(names) else ""
         return [self._operations[n] for n in chosen], following
+
+    def __len__(self) -> int:
+        return len(self._operations)
 
     def _prune(self) -> None:
         cutoff = self._clock() - self._keep_done_s
