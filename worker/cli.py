@@ -6,9 +6,9 @@ import argparse
 import logging
 import sys
 
-from worker.commands import serve
+from worker.commands import operations, pools, serve
 
-SUBCOMMANDS = [serve]
+SUBCOMMANDS = [serve, pools, operations]
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -49,7 +49,7 @@ from worker.handles import (
     remove_tree_at,
 )
 from worker.pool.pools import SidecarPools
-from worker.pool.sidecar_pool import PoolKey, Sidecar
+from worker.pool.sidecar_pool import PoolDrained, PoolKey, Sidecar
 from worker.reapi import re_pb2
 from worker.runner_contract import (
     CONTROL,
@@ -251,7 +251,9 @@ class ActionExecutor:
         while True:
             try:
                 return await step()
-            except (RuntimeUnavailable, Unavailable):
+            except (RuntimeUnavailable, Unavailable) as error:
+                if isinstance(error, PoolDrained):
+                    raise  # an operator's decision, not a daemon away
                 if time.monotonic() >= deadline or cancelled.is_set():
                     raise
                 log.info("the Docker daemon is away; the action waits for it")

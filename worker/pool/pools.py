@@ -182,7 +182,7 @@ class SidecarPools:
         for key, pool in list(self._pools.items()):
             room = max(self._settings.max_sidecars_total - self._live, 0)
             await pool.maintain(self._is_alive, may_create=room)
-            if pool.is_empty and pool.warm_target == 0:
+            if pool.is_empty and pool.warm_target == 0 and not pool.draining:
                 del self._pools[key]  # Many images or users over time must not pile up.
         for pool in self._retiring[:]:
             await pool.maintain(self._is_alive, may_create=0)

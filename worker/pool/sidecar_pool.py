@@ -19,6 +19,10 @@ from worker.pool.events import NoEvents, PoolEvents
 log = logging.getLogger(__name__)
 
 
+class PoolDrained(Unavailable):
+    """The pool is drained by an operator (when_drained: refuse); retrying at once is futile."""
+
+
 @dataclass(frozen=True)
 class PoolKey:
     """Sidecars are interchangeable only if all of these match."""
@@ -212,7 +216,7 @@ class SidecarPool:
 
     def _refuse_if_drained(self) -> None:
         if self.draining and self.settings.when_drained == "refuse":
-            raise Unavailable(
+            raise PoolDrained(
                 f"the sidecar pool of {self.reference} is drained by an operator; retry later"
             )
 
