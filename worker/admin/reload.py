@@ -93,7 +93,8 @@ class ConfigReloader:
         while True:
             timeout = self._interval_s if self._interval_s > 0 and self._path else None
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wanted.wait(), timeout)
+                async with asyncio.timeout(timeout):  # not wait_for: it can swallow a cancel
+                    await self._wanted.wait()
             requested = self._wanted.is_set()
             self._wanted.clear()
             seen = self._fingerprint()

@@ -162,8 +162,11 @@ class SidecarPools:
 
     async def _maintain_forever(self) -> None:
         while True:
+            # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancel that
+            # arrives as the event is set, and close() would wait forever.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._upkeep_wanted.wait(), self._maintain_interval_s)
+                async with asyncio.timeout(self._maintain_interval_s):
+                    await self._upkeep_wanted.wait()
             self._upkeep_wanted.clear()
             try:
                 await self.maintain_all()

@@ -443,7 +443,9 @@ class SidecarPool:
                     surplus -= 1
                     self.boost = max(self.boost - 1, 0)
             live = [s for s in self._sidecars if not s.retired]
-            missing = self.warm_target - len([s for s in live if s.active == 0])
+            # Sidecars being made count as warm already: two upkeeps at once (an interval's
+            # and a woken one) must not both make the same missing ones.
+            missing = self.warm_target - len([s for s in live if s.active == 0]) - self._creating
             missing = min(missing, self.settings.max_sidecars - len(live) - self._creating)
             if may_create is not None:
                 missing = min(missing, may_create)
