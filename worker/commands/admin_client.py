@@ -4,10 +4,12 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import Any
 
 import grpc
+import yaml
 
 from worker.commands.common import ConfigError, add_settings_flags, fail, settings_from_args
 from worker.reapi import admin_pb2_grpc
@@ -33,7 +35,36 @@ def add_admin_flags(parser: argparse.ArgumentParser) -> None:
 def admin_address(args: argparse.Namespace) -> str:
     if args.admin:
         return str(args.admin)
-    return settings_from_args(args).admin_address
+    try:
+        return settings_from_args(args).admin_address
+    except ConfigError:
+        # A broken file (the reload the operator is looking into) still names where the
+        # running service listens.
+        address = _address_in_raw_file(args)
+        if address is None:
+            raise
+        print(  # noqa: T201
+            "sidecar-executor: warning: the configuration does not validate; using the admin "
+            "address it names anyway",
+            file=sys.stderr,
+        )
+        return address
+
+
+def _address_in_raw_file(args: argparse.Namespace) -> str | None:
+    if args.config is None:
+        return None
+    try:
+        raw = yaml.safe_load(Path(args.config).read_text())
+    except (OSError, yaml.YAMLError):
+        return None
+    if not isinstance(raw, dict):
+        return None
+    admin = raw.get("admin")
+    if isinstance(admin, dict) and isinstance(admin.get("listen"), str):
+        return str(admin["listen"])
+    data_dir = args.data_dir or raw.get("data_dir") or Path(".data")
+    return f"unix:{(Path(data_dir) / 'admin.sock').absolute()}"
 
 
 def admin_stub(args: argparse.Namespace) -> tuple[grpc.Channel, admin_pb2_grpc.AdminStub]:

@@ -103,18 +103,25 @@ def table(pools: list[admin_pb2.Pool]) -> str:
     )
 
 
+def as_json(pool: admin_pb2.Pool) -> dict[str, Any]:
+    """The pool as a JSON object with numbers as numbers (the proto mapping writes 64-bit
+    integers as strings)."""
+    view = MessageToDict(
+        pool, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+    )
+    for field in pool.DESCRIPTOR.fields:
+        if field.name in view and field.type in (field.TYPE_INT64, field.TYPE_UINT64):
+            view[field.name] = int(view[field.name])
+    return view
+
+
 def run_list(args: argparse.Namespace) -> int:
     code, response = call(args, "ListPools", admin_pb2.ListPoolsRequest())
     if code:
         return code
     pools = list(response.pools)
     if args.json:
-        document = [
-            MessageToDict(
-                p, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
-            )
-            for p in pools
-        ]
+        document = [as_json(p) for p in pools]
         _out(json.dumps({"pools": document}, indent=2))
     elif pools:
         _out(table(pools))

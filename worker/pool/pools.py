@@ -428,7 +428,9 @@ class SidecarPools:
         """A reloaded configuration's pool settings, applied in place. An image whose entry
         changed (or was added or removed) loses an operator's change of it; its pools get the
         new settings, or, when a setting that keys the pool (limits, dispatch) changed, wind
-        down for new ones. Returns the images whose settings changed."""
+        down for new ones. The pools of a removed entry wind down (drain gracefully: idle
+        sidecars go now, busy ones when done); its next action gets a pool with the defaults.
+        Returns the images whose settings changed."""
         old = self._settings
         self._settings = settings
         changed = sorted(
@@ -438,11 +440,14 @@ class SidecarPools:
         )
         for reference in changed:
             self._overrides.pop(reference, None)
+        removed = set(old.image_pools) - set(settings.image_pools)
         for pool in list(self._pools.values()):
             wanted = self.settings_for(pool.reference)
-            if wanted == pool.settings:
+            if pool.reference in removed:
+                await self._supersede(pool)  # its idle sidecars go now, busy ones after
+            elif wanted == pool.settings:
                 continue
-            if any(getattr(wanted, f) != getattr(pool.key, f) for f in KEY_FIELDS):
+            elif any(getattr(wanted, f) != getattr(pool.key, f) for f in KEY_FIELDS):
                 await self._supersede(pool)
             else:
                 await pool.update(wanted)
