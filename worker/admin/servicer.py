@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import grpc
@@ -15,6 +16,7 @@ from worker.reapi import admin_pb2, admin_pb2_grpc
 from worker.server.rpc_errors import rpc_errors
 
 Context = grpc.aio.ServicerContext[Any, Any]
+log = logging.getLogger(__name__)
 
 
 class AdminServicer(admin_pb2_grpc.AdminServicer):
@@ -93,4 +95,5 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
         self, request: admin_pb2.CancelOperationRequest, context: Context
     ) -> empty_pb2.Empty:
         self._service.cancel(request.name)
+        log.info("operator: cancelled %s", request.name)
         return empty_pb2.Empty()
