@@ -192,7 +192,13 @@ class Service:
             log.info("configuration reloaded; pool settings changed: %s", changed or "none")
 
     async def _start_operator_side(self) -> None:
-        await self.admin.start()
+        try:
+            await self.admin.start()
+        except OSError as error:
+            if self.settings.admin.listen is not None:
+                raise
+            # The default socket in a deep data directory: serve REAPI anyway.
+            log.error("admin interface disabled: %s", error)
         if self.settings.metrics.listen is not None:
             self.metrics_endpoint = await asyncio.to_thread(
                 MetricsEndpoint, self.settings.metrics.listen, self.metrics.registry

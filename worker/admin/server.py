@@ -15,6 +15,9 @@ from worker.reapi import admin_pb2_grpc
 
 log = logging.getLogger(__name__)
 
+# The longest path a unix socket address holds (sun_path, less its terminating NUL).
+MAX_SOCKET_PATH = 107
+
 
 def _unix_path(address: str) -> Path | None:
     if address.startswith("unix://"):
@@ -41,19 +44,30 @@ class AdminServer:
             ):
                 self._socket.unlink()
             # Nobody but root may even connect while the socket is being set up.
+            if len(os.fsencode(self._socket)) > MAX_SOCKET_PATH:
+                raise OSError(
+                    f"admin socket path {self._socket} is longer than {MAX_SOCKET_PATH} bytes; "
+                    "set admin.listen to a shorter unix:PATH"
+                )
             old_mask = os.umask(0o177)
             try:
-                port = self._server.add_insecure_port(f"unix:{self._socket}")
+                port = self._bind(f"unix:{self._socket}")
             finally:
                 os.umask(old_mask)
         else:
-            port = self._server.add_insecure_port(self.address)
+            port = self._bind(self.address)
         if port == 0:
             raise OSError(f"cannot listen on admin address {self.address}")
         await self._server.start()
         if self._socket is not None:
             os.chmod(self._socket, 0o600)
         log.info("admin interface on %s", self.address)
+
+    def _bind(self, address: str) -> int:
+        try:
+            return self._server.add_insecure_port(address)
+        except RuntimeError as error:
+            raise OSError(f"cannot listen on admin address {address}: {error}") from None
 
     async def stop(self) -> None:
         await self._server.stop(1.0)
