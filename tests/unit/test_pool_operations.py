@@ -214,7 +214,7 @@ async def test_drain_outlives_an_empty_pool_and_scale_lifts_it(tmp_path: Path) -
     from worker.pool.pools import SidecarPools
 
     assert isinstance(pools, SidecarPools)
-    await pools.start()
+    await pools.maintain_all()  # what start() does, without the background upkeep
     assert await pools.drain(IMAGE) == 1
     await pools.maintain_all()
     (pool,) = pools.pools  # still listed, empty and drained
@@ -233,7 +233,7 @@ async def test_a_failed_prewarm_is_retried_by_upkeep(tmp_path: Path) -> None:
     from worker.pool.pools import SidecarPools
 
     assert isinstance(pools, SidecarPools)
-    await pools.start()  # the image is missing and cannot be pulled: no pool yet
+    await pools.maintain_all()  # the image is missing and cannot be pulled: no pool yet
     assert pools.pools == []
     runtime.add_image("sidecar-test/later:1")
     await pools.maintain_all()
@@ -248,7 +248,7 @@ async def test_refresh_moves_a_pool_to_the_image_its_tag_names_now(tmp_path: Pat
     from worker.pool.pools import SidecarPools
 
     assert isinstance(pools, SidecarPools)
-    await pools.start()
+    await pools.maintain_all()  # what start() does, without the background upkeep
     (old,) = pools.pools
     busy = await old.lease()
     runtime.images[IMAGE] = runtime.add_image("sidecar-test/newer:1")  # the tag moved
@@ -270,7 +270,7 @@ async def test_reload_resizes_changed_pools_and_winds_down_removed_ones(tmp_path
     from worker.pool.pools import SidecarPools
 
     assert isinstance(pools, SidecarPools)
-    await pools.start()
+    await pools.maintain_all()  # what start() does, without the background upkeep
     (pool,) = pools.pools
     reloaded = load_settings(
         data_dir=tmp_path,
