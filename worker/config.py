@@ -172,6 +172,11 @@ class MetricsSettings(Section):
         None, description="HOST:PORT of the Prometheus endpoint (/metrics); off when unset"
     )
 
+    @field_validator("listen")
+    @classmethod
+    def _host_and_port(cls, value: str | None) -> str | None:
+        return None if value is None else ServerSettings._host_and_port(value)
+
 
 class AdminSettings(Section):
     listen: str | None = Field(
@@ -182,6 +187,13 @@ class AdminSettings(Section):
     reload_interval_s: float = Field(
         5, ge=0, description="how often the config file is checked for changes; 0: SIGHUP only"
     )
+
+    @field_validator("listen")
+    @classmethod
+    def _unix_or_host_and_port(cls, value: str | None) -> str | None:
+        if value is None or (value.startswith("unix:") and len(value) > len("unix:")):
+            return value
+        return ServerSettings._host_and_port(value)
 
 
 class Settings(BaseSettings):

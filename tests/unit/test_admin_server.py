@@ -55,3 +55,12 @@ def test_the_admin_address_may_not_be_the_reapi_address(tmp_path: Path) -> None:
     )
     with pytest.raises(OSError, match="must not be the REAPI address"):
         running_service(settings).__enter__()
+
+
+@pytest.mark.parametrize(
+    ("section", "value"),
+    [("metrics", "9464"), ("metrics", "localhost:http"), ("admin", "unix:"), ("admin", "sock")],
+)
+def test_bad_listen_addresses_are_named_errors(tmp_path: Path, section: str, value: str) -> None:
+    with pytest.raises(ValueError, match=f"{section}.listen"):
+        load_settings(data_dir=tmp_path, **{section: {"listen": value}})
