@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -63,4 +64,5 @@ def test_the_admin_address_may_not_be_the_reapi_address(tmp_path: Path) -> None:
 )
 def test_bad_listen_addresses_are_named_errors(tmp_path: Path, section: str, value: str) -> None:
     with pytest.raises(ValueError, match=f"{section}.listen"):
-        load_settings(data_dir=tmp_path, **{section: {"listen": value}})
+        overrides: dict[str, Any] = {section: {"listen": value}}
+        load_settings(data_dir=tmp_path, **overrides)
