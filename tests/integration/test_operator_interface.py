@@ -337,8 +337,13 @@ def test_pool_grows_when_leases_wait_and_shrinks_after_idle_ttl(
             stop.set()
             sampler.join()
         assert max(seen) == 3  # never above max_sidecars
+        # Every sidecar went for its idle TTL (a pre-warm replaced once while the actions
+        # still ran is possible, so at least the three seen).
         shrunk = value(scrape(running), "sidecar_executor_pool_recycles_total", reason="idle_ttl")
-        assert shrunk == 3
+        assert shrunk >= 3
+        execution = running.service.execution
+        assert execution is not None
+        assert all(pool.boost == 0 for pool in execution.pools.pools)
 
 
 # ----------------------------------------------------------------- reload
