@@ -14,6 +14,7 @@ from tests.unit.test_sidecar_pool import Clock, Containers, fake_pools, settle
 from worker.config import PoolSettings, load_settings
 from worker.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from worker.pool.images import ImageResolver
+from worker.pool.pools import SidecarPools
 from worker.pool.sidecar_pool import PoolDrained, PoolKey, SidecarPool
 from worker.runtime.fake import FakeContainerRuntime
 from worker.runtime.protocol import ImageUnavailable
@@ -157,7 +158,7 @@ async def test_no_growth_without_scale_up_wait() -> None:
 # ----------------------------------------------------------- all pools
 
 
-def pools_on_fake(tmp_path: Path, **execution: object) -> tuple[object, FakeContainerRuntime]:
+def pools_on_fake(tmp_path: Path, **execution: object) -> tuple[SidecarPools, FakeContainerRuntime]:
     runtime = FakeContainerRuntime()
     runtime.add_image(IMAGE)
     settings = load_settings(
@@ -169,9 +170,6 @@ def pools_on_fake(tmp_path: Path, **execution: object) -> tuple[object, FakeCont
 @pytest.mark.anyio
 async def test_scale_prewarms_at_once_and_refuses_bad_values(tmp_path: Path) -> None:
     pools, runtime = pools_on_fake(tmp_path)
-    from worker.pool.pools import SidecarPools
-
-    assert isinstance(pools, SidecarPools)
     with pytest.raises(InvalidArgument, match="min_idle 5 is above max_sidecars 4"):
         await pools.scale(IMAGE, min_idle=5)
     with pytest.raises(InvalidArgument, match="negative"):
@@ -197,9 +195,6 @@ async def test_scale_prewarms_at_once_and_refuses_bad_values(tmp_path: Path) -> 
 @pytest.mark.anyio
 async def test_operator_actions_on_an_unknown_image_are_not_found(tmp_path: Path) -> None:
     pools, _ = pools_on_fake(tmp_path)
-    from worker.pool.pools import SidecarPools
-
-    assert isinstance(pools, SidecarPools)
     for action in (pools.drain, pools.recycle, pools.refresh):
         with pytest.raises(NotFound, match="no pool of image"):
             await action("sidecar-test/never-used:1")
@@ -211,9 +206,6 @@ async def test_operator_actions_on_an_unknown_image_are_not_found(tmp_path: Path
 @pytest.mark.anyio
 async def test_drain_outlives_an_empty_pool_and_scale_lifts_it(tmp_path: Path) -> None:
     pools, _ = pools_on_fake(tmp_path, image_pools={IMAGE: {"min_idle": 1}})
-    from worker.pool.pools import SidecarPools
-
-    assert isinstance(pools, SidecarPools)
     await pools.maintain_all()  # what start() does, without the background upkeep
     assert await pools.drain(IMAGE) == 1
     await pools.maintain_all()
@@ -230,9 +222,6 @@ async def test_drain_outlives_an_empty_pool_and_scale_lifts_it(tmp_path: Path) -
 @pytest.mark.anyio
 async def test_a_failed_prewarm_is_retried_by_upkeep(tmp_path: Path) -> None:
     pools, runtime = pools_on_fake(tmp_path, image_pools={"sidecar-test/later:1": {"min_idle": 1}})
-    from worker.pool.pools import SidecarPools
-
-    assert isinstance(pools, SidecarPools)
     await pools.maintain_all()  # the image is missing and cannot be pulled: no pool yet
     assert pools.pools == []
     runtime.add_image("sidecar-test/later:1")
@@ -245,9 +234,6 @@ async def test_a_failed_prewarm_is_retried_by_upkeep(tmp_path: Path) -> None:
 @pytest.mark.anyio
 async def test_refresh_moves_a_pool_to_the_image_its_tag_names_now(tmp_path: Path) -> None:
     pools, runtime = pools_on_fake(tmp_path, image_pools={IMAGE: {"min_idle": 1}})
-    from worker.pool.pools import SidecarPools
-
-    assert isinstance(pools, SidecarPools)
     await pools.maintain_all()  # what start() does, without the background upkeep
     (old,) = pools.pools
     busy = await old.lease()
@@ -267,9 +253,6 @@ async def test_refresh_moves_a_pool_to_the_image_its_tag_names_now(tmp_path: Pat
 @pytest.mark.anyio
 async def test_reload_resizes_changed_pools_and_winds_down_removed_ones(tmp_path: Path) -> None:
     pools, _ = pools_on_fake(tmp_path, image_pools={IMAGE: {"min_idle": 1}})
-    from worker.pool.pools import SidecarPools
-
-    assert isinstance(pools, SidecarPools)
     await pools.maintain_all()  # what start() does, without the background upkeep
     (pool,) = pools.pools
     reloaded = load_settings(
@@ -306,9 +289,6 @@ async def test_a_reload_keeps_operator_changes_of_images_whose_entry_did_not_cha
     tmp_path: Path,
 ) -> None:
     pools, _ = pools_on_fake(tmp_path, image_pools={IMAGE: {"min_idle": 1}})
-    from worker.pool.pools import SidecarPools
-
-    assert isinstance(pools, SidecarPools)
     await pools.scale(IMAGE, max_sidecars=2)
     same = load_settings(
         data_dir=tmp_path,
