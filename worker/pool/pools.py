@@ -1,4 +1,5 @@
-"""All sidecar pools of this worker: creation, pre-warming, upkeep, clean-up of leftovers."""
+"""All sidecar pools of this worker: creation, pre-warming, upkeep, clean-up of leftovers, and
+the operators' changes (scale, drain, recycle, refresh, reload) to the running pools."""
 
 from __future__ import annotations
 
