@@ -3,6 +3,7 @@ errors without execution, and a data directory too deep for a socket path."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,7 @@ import grpc
 import pytest
 
 from tests.serving import running_service
+from worker.app import Service
 from worker.config import load_settings
 from worker.reapi import admin_pb2, admin_pb2_grpc
 
@@ -54,8 +56,13 @@ def test_the_admin_address_may_not_be_the_reapi_address(tmp_path: Path) -> None:
         admin={"listen": "127.0.0.1:18999"},
         execution={"enabled": False},
     )
+
+    async def build() -> None:
+        Service(settings)
+
     with pytest.raises(OSError, match="must not be the REAPI address"):
-        running_service(settings).__enter__()
+        asyncio.run(build())
+    assert not (tmp_path / "data" / "admin.sock").exists()
 
 
 @pytest.mark.parametrize(
