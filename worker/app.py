@@ -2,22 +2,32 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
+from worker.admin.reload import ConfigReloader, restart_only_changes, with_live_fields
+from worker.admin.server import AdminServer
+from worker.admin.servicer import AdminServicer
 from worker.cas import io_threads
 from worker.cas.action_cache import DiskActionCache
 from worker.cas.disk_store import DiskBlobStore
 from worker.cas.uploads import UploadTracker
 from worker.config import Settings
+from worker.execution.outcome import outcome_of
 from worker.execution.wiring import ExecutionSide
 from worker.identity import claim_data_dir
+from worker.metrics.http import MetricsEndpoint
+from worker.metrics.interceptor import RequestCounter
+from worker.metrics.service_metrics import ServiceMetrics
 from worker.reapi import bs_grpc, bs_pb2, ops_grpc, ops_pb2, re_grpc, re_pb2
 from worker.server.action_cache import ActionCacheServicer
 from worker.server.auth import (
@@ -59,8 +69,18 @@ def open_storage(settings: Settings) -> Storage:
 class Service:
     """The whole service in one process: call start(), then wait() or stop()."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        reload_settings: Callable[[], Settings] | None = None,
+        config_file: Path | None = None,
+    ) -> None:
+        """`reload_settings` loads the configuration again (file, environment, flags) for a
+        reload on SIGHUP or when `config_file` changes; without it the service never reloads."""
         self.settings = settings
+        self._reload_settings = reload_settings
+        self._config_file = config_file
+        self.metrics = ServiceMetrics()
         self.worker_name = settings.server.worker_name or socket.gethostname()
         self.identity = claim_data_dir(settings.data_dir)
         try:
@@ -72,7 +92,10 @@ class Service:
     def _build(self, settings: Settings) -> None:
         self.storage = open_storage(settings)
         max_message = settings.server.max_message_bytes
-        interceptors: list[grpc.aio.ServerInterceptor] = []  # type: ignore[type-arg]
+        # Requests are counted before they are authenticated, so refused ones show too.
+        interceptors: list[grpc.aio.ServerInterceptor] = [  # type: ignore[type-arg]
+            RequestCounter(self.metrics.grpc_requests)
+        ]
         self._certificates = None
         if settings.server.tls.enabled:
             self._certificates = CertificateFiles(settings.server.tls)
@@ -95,8 +118,11 @@ class Service:
                 self.identity.worker_id,
                 self.storage.blobs,
                 self.storage.action_cache,
+                pool_events=self.metrics,
+                on_operation_finished=self._count_outcome,
             )
         self._add_servicers()
+        self._add_operator_side()
 
     def _add_servicers(self) -> None:
         storage, server = self.storage, self.server
@@ -137,6 +163,71 @@ class Service:
         reflection.enable_server_reflection([*names, reflection.SERVICE_NAME], server)
         self._service_names = names
 
+    def _count_outcome(self, response: re_pb2.ExecuteResponse) -> None:
+        self.metrics.action_finished(*outcome_of(response))
+
+    def _add_operator_side(self) -> None:
+        """Metrics, the admin interface (never on the REAPI port) and config reload."""
+        execution = self.execution
+        self.metrics.watch(
+            self.storage.blobs,
+            execution.pools if execution else None,
+            execution.service if execution else None,
+        )
+        self.metrics_endpoint: MetricsEndpoint | None = None
+        admin_address = self.settings.admin_address
+        if admin_address == self.settings.server.listen:
+            raise OSError(f"admin.listen {admin_address} must not be the REAPI address")
+        self.admin = AdminServer(
+            admin_address,
+            AdminServicer(
+                execution.pools if execution else None, execution.service if execution else None
+            ),
+            interceptors=[RequestCounter(self.metrics.grpc_requests)],
+        )
+        self.reloader: ConfigReloader | None = None
+        if self._reload_settings is not None:
+            self.reloader = ConfigReloader(
+                self._config_file,
+                self._reload_settings,
+                self.apply_settings,
+                self.settings.admin.reload_interval_s,
+            )
+
+    async def apply_settings(self, loaded: Settings) -> None:
+        """A reloaded configuration: pool settings apply now, the rest at the next restart."""
+        for path in restart_only_changes(self.settings, loaded):
+            log.warning("configuration: %s changed; it takes effect at the next restart", path)
+        before = self.settings.execution.pool
+        self.settings = with_live_fields(self.settings, loaded)
+        if self.execution is not None:
+            changed = await self.execution.pools.apply_settings(self.settings.execution)
+            if before != self.settings.execution.pool:
+                changed = ["(execution.pool defaults)", *changed]
+            log.info("configuration reloaded; pool settings changed: %s", changed or "none")
+
+    async def _start_operator_side(self) -> None:
+        try:
+            await self.admin.start()
+        except OSError as error:
+            if self.settings.admin.listen is not None:
+                raise
+            # The default socket in a deep data directory: serve REAPI anyway.
+            log.error("admin interface disabled: %s", error)
+        if self.settings.metrics.listen is not None:
+            self.metrics_endpoint = await asyncio.to_thread(
+                MetricsEndpoint, self.settings.metrics.listen, self.metrics.registry
+            )
+        if self.reloader is not None:
+            self.reloader.start()
+
+    async def _stop_operator_side(self) -> None:
+        if self.reloader is not None:
+            await self.reloader.close()
+        await self.admin.stop()
+        if self.metrics_endpoint is not None:
+            await asyncio.to_thread(self.metrics_endpoint.close)
+
     async def start(self) -> None:
         if self.execution is not None:
             await self.execution.start()
@@ -148,6 +239,7 @@ class Service:
         if self.port == 0:
             raise OSError(f"cannot listen on {self.settings.server.listen}")
         await self.server.start()
+        await self._start_operator_side()
         for name in ["", *self._service_names]:
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
         host = self.settings.server.listen.rpartition(":")[0]
@@ -160,6 +252,7 @@ class Service:
         rest end UNAVAILABLE; then open streams get a moment to deliver, sidecars go."""
         grace = self.settings.server.shutdown_grace_s if grace_s is None else grace_s
         await self._health.enter_graceful_shutdown()
+        await self._stop_operator_side()
         if self.execution is not None:
             await self.execution.drain(grace)
         await self.server.stop(min(grace, 5.0))

@@ -6,9 +6,9 @@ import argparse
 import logging
 import sys
 
-from worker.commands import cas, serve, worker
+from worker.commands import cas, operations, pools, serve, worker
 
-SUBCOMMANDS = [serve, worker, cas]
+SUBCOMMANDS = [serve, worker, pools, operations, cas]
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -137,6 +137,23 @@ class PoolSettings(Section):
         description="how actions start: a `docker exec` of the runner each, or a request to "
         "the agent that is the sidecar's main process",
     )
+    pull_policy: Literal["if_not_present", "always"] = Field(
+        "if_not_present",
+        description="`always`: a tag is re-resolved (pulled) at most every pull_interval_s; "
+        "an image named by digest is never pulled again",
+    )
+    pull_interval_s: float = Field(300, gt=0, description="pull_policy always: least time apart")
+    scale_up_wait_s: float | None = Field(
+        None,
+        gt=0,
+        description="autoscaling: when a lease waits longer than this, more sidecars are "
+        "pre-warmed (one per waiting lease, at least one); off when unset",
+    )
+    when_drained: Literal["refuse", "wait"] = Field(
+        "refuse",
+        description="what a new action for a drained pool gets: UNAVAILABLE at once, or a wait "
+        "until the drain is lifted",
+    )
 
 
 class ExecutionSettings(Section):
@@ -257,6 +274,35 @@ class BotSettings(Section):
         return values
 
 
+class MetricsSettings(Section):
+    listen: str | None = Field(
+        None, description="HOST:PORT of the Prometheus endpoint (/metrics); off when unset"
+    )
+
+    @field_validator("listen")
+    @classmethod
+    def _host_and_port(cls, value: str | None) -> str | None:
+        return None if value is None else ServerSettings._host_and_port(value)
+
+
+class AdminSettings(Section):
+    listen: str | None = Field(
+        None,
+        description="the admin gRPC interface: `unix:PATH` or HOST:PORT; default "
+        "unix:DATA_DIR/admin.sock (never the REAPI port)",
+    )
+    reload_interval_s: float = Field(
+        5, ge=0, description="how often the config file is checked for changes; 0: SIGHUP only"
+    )
+
+    @field_validator("listen")
+    @classmethod
+    def _unix_or_host_and_port(cls, value: str | None) -> str | None:
+        if value is None or (value.startswith("unix:") and len(value) > len("unix:")):
+            return value
+        return ServerSettings._host_and_port(value)
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="SIDECAR_EXECUTOR_", env_nested_delimiter="__", extra="forbid"
@@ -267,6 +313,8 @@ class Settings(BaseSettings):
     storage: StorageSettings = StorageSettings()
     execution: ExecutionSettings = ExecutionSettings()
     bot: BotSettings = BotSettings()
+    metrics: MetricsSettings = MetricsSettings()
+    admin: AdminSettings = AdminSettings()
 
     @model_validator(mode="after")
     def _batch_fits_in_a_message(self) -> Settings:
@@ -280,6 +328,11 @@ class Settings(BaseSettings):
     @property
     def exec_root(self) -> Path:
         return (self.execution.exec_root or self.data_dir / "exec").absolute()
+
+    @property
+    def admin_address(self) -> str:
+        """Where the admin interface listens (and where the CLI finds it)."""
+        return self.admin.listen or f"unix:{(self.data_dir / 'admin.sock').absolute()}"
 
 
 def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:

@@ -8,8 +8,11 @@ from google.bytestream import bytestream_pb2_grpc as bs_grpc
 from google.longrunning import operations_pb2 as ops_pb2
 from google.longrunning import operations_pb2_grpc as ops_grpc
 from google.rpc import error_details_pb2, status_pb2
+from sidecar_executor.admin.v1 import admin_pb2, admin_pb2_grpc
 
 __all__ = [
+    "admin_pb2",
+    "admin_pb2_grpc",
     "bs_grpc",
     "bs_pb2",
     "error_details_pb2",

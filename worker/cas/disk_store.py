@@ -100,6 +100,17 @@ class Reservation:
             self._store._release(n)
 
 
+@dataclass
+class CasCounters:
+    """Totals since the store opened, for the metrics (plain counts, read without the lock)."""
+
+    lookups: int = 0  # digests asked about by FindMissingBlobs
+    lookup_hits: int = 0  # of those, stored
+    evictions: int = 0  # blobs evicted to stay under max_bytes
+    bytes_stored: int = 0  # bytes of new blobs written in
+    bytes_read: int = 0  # bytes of blobs read (clients' reads, action loads)
+
+
 class DiskBlobStore:
     """Blobs live at `<root>/blobs/<hash[:2]>/<hash>`, read-only (0444).
 
@@ -147,6 +158,7 @@ class DiskBlobStore:
         self.max_bytes = max_bytes
         self.durability: Durability = durability
         self._lock = threading.Lock()
+        self.counters = CasCounters()
         self._lru: OrderedDict[str, int] = OrderedDict()  # hash -> blob size
         self._exe: dict[str, int] = {}  # hash -> size of its executable copy
         self._good: dict[str, Signature] = {}  # blob files last known to match their hash
@@ -254,11 +266,17 @@ class DiskBlobStore:
             self._lru.move_to_end(digest.hash)
             return True
 
+    @property
+    def blob_count(self) -> int:
+        return len(self._lru)
+
     def find_missing(self, digests: Iterable[Digest]) -> list[Digest]:
         missing = []
         lru = self._lru
+        asked = 0
         with self._lock:  # Once for all of them: FindMissingBlobs asks about thousands.
             for digest in digests:
+                asked += 1
                 if digest.is_empty:
                     if digest != EMPTY_DIGEST:
                         missing.append(digest)
@@ -266,6 +284,8 @@ class DiskBlobStore:
                     lru.move_to_end(digest.hash)
                 else:
                     missing.append(digest)
+        self.counters.lookups += asked
+        self.counters.lookup_hits += asked - len(missing)
         return missing
 
     def find_missing_or_damaged(self, digests: Iterable[Digest]) -> list[Digest]:
@@ -357,6 +377,7 @@ class DiskBlobStore:
                 for hash_, info in good:
                     if hash_ in self._lru:
                         self._good[hash_] = signature_of(info)
+        self.counters.bytes_read += sum(len(r) for r in results if isinstance(r, bytes))
         return results
 
     def _read_file(self, digest: Digest) -> tuple[bytes, os.stat_result]:
@@ -388,6 +409,7 @@ class DiskBlobStore:
         if info.st_size != digest.size:
             os.close(fd)
             self.discard_damaged(digest, info.st_ino)
+        self.counters.bytes_read += digest.size
         return fd, info
 
     def check_open(self, digest: Digest, fd: int, info: os.stat_result) -> None:
@@ -620,6 +642,7 @@ class DiskBlobStore:
                 self._pending[digest.hash] = _PendingBlob(data, segment)
                 self._pending_bytes += digest.size
                 self._total += digest.size
+                self.counters.bytes_stored += digest.size
                 keep = digest.hash
             evicted = self._evict_locked(keep=keep) if keep is not None else 0
             if keep is not None:
@@ -925,6 +948,7 @@ class DiskBlobStore:
                     self._lru.move_to_end(digest.hash)
                     self._good[digest.hash] = signature_of(info)
                     self._total += digest.size
+                    self.counters.bytes_stored += digest.size
                     keep = digest.hash
                 evicted += self._evict_locked(keep=keep) if placed else 0
         for path in leftover:
@@ -970,6 +994,7 @@ class DiskBlobStore:
             self._drop_executable_locked(hash_)
 
     def _log_evicted(self, evicted: int) -> None:
+        self.counters.evictions += evicted
         if evicted:
             log.info("evicted %d blobs to stay under %d bytes", evicted, self.max_bytes)
 

@@ -29,13 +29,19 @@ def settings_for(args: argparse.Namespace) -> Settings:
     return settings_from_args(args, **overrides)
 
 
-async def _serve(settings: Settings) -> None:
-    service = Service(settings)
+async def _serve(settings: Settings, args: argparse.Namespace | None = None) -> None:
+    service = Service(
+        settings,
+        reload_settings=(lambda: settings_for(args)) if args is not None else None,
+        config_file=args.config if args is not None else None,
+    )
     await service.start()
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stopping.set)
+    if service.reloader is not None:  # SIGHUP: reload the configuration's pool settings
+        loop.add_signal_handler(signal.SIGHUP, service.reloader.request)
     await stopping.wait()
     log.info("stopping")
     await service.stop()
@@ -48,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
     except ConfigError as error:
         return fail(str(error))
     try:
-        asyncio.run(_serve(settings))
+        asyncio.run(_serve(settings, args))
     except OSError as error:
         return fail(str(error), code=1)
     return 0

@@ -50,7 +50,7 @@ from worker.handles import (
     remove_tree_at,
 )
 from worker.pool.pools import SidecarPools
-from worker.pool.sidecar_pool import PoolKey, Sidecar
+from worker.pool.sidecar_pool import PoolDrained, PoolKey, Sidecar
 from worker.reapi import re_pb2
 from worker.runner_contract import (
     CONTROL,
@@ -80,7 +80,7 @@ def now() -> timestamp_pb2.Timestamp:
 
 M = TypeVar("M", re_pb2.Action, re_pb2.Command)
 T = TypeVar("T")
-Release = Callable[[Sidecar, bool], Awaitable[None]]
+Release = Callable[[Sidecar, bool, str], Awaitable[None]]
 
 
 @dataclass(frozen=True)
@@ -158,6 +158,17 @@ def action_environment(command: re_pb2.Command, action: ActionDir) -> dict[str, 
     env = {"HOME": str(action.home), "TMPDIR": str(action.tmp)}
     env.update((v.name, v.value) for v in command.environment_variables)
     return env
+
+
+def retire_reason(outcome: RunOutcome, key: PoolKey) -> str:
+    """Why a sidecar may not serve again after this outcome (pool.events.RETIRE_REASONS)."""
+    if outcome.oom_kills:
+        return "oom"
+    if outcome.kind in ("timeout", "cancelled"):
+        return outcome.kind
+    if outcome.sidecar_reusable and key.single_use:
+        return "single_use"
+    return "unclean"
 
 
 class ActionExecutor:
@@ -239,7 +250,10 @@ class ActionExecutor:
     ) -> None:
         platform = loaded.platform
         # Pulls the image if needed; waits a while for a daemon that is away.
-        key = await self._patiently(functools.partial(self._pools.key_for, platform), cancelled)
+        key = await self._patiently(
+            functools.partial(self._pools.key_for, platform.image, platform.user, platform.network),
+            cancelled,
+        )
         outcome = await self._run(
             platform,
             key,
@@ -262,7 +276,9 @@ class ActionExecutor:
         while True:
             try:
                 return await step()
-            except (RuntimeUnavailable, Unavailable):
+            except (RuntimeUnavailable, Unavailable) as error:
+                if isinstance(error, PoolDrained):
+                    raise  # an operator's decision, not a daemon away
                 if time.monotonic() >= deadline or cancelled.is_set():
                     raise
                 log.info("the Docker daemon is away; the action waits for it")
@@ -283,7 +299,7 @@ class ActionExecutor:
 
             return lease
 
-        async def destroy(sidecar: Sidecar, reusable: bool) -> None:
+        async def destroy(sidecar: Sidecar, reusable: bool, reason: str) -> None:
             await self._pools.destroy(sidecar)
 
         async def create() -> tuple[Sidecar, Release]:
@@ -324,6 +340,7 @@ class ActionExecutor:
             assert sidecar.directory is not None
             action = ActionDir.new(sidecar.directory)
             reusable = False
+            reason = "unclean"
             try:
                 outcome, reusable = await self._run_in(
                     sidecar,
@@ -338,6 +355,7 @@ class ActionExecutor:
                     response,
                     reuse=not key.single_use,
                 )
+                reason = retire_reason(outcome, key)
                 return outcome
             except (ContainerGone, ContainerNotRunning) as error:
                 log.warning("sidecar %s unusable (%s)", sidecar.short_id, error)
@@ -352,7 +370,7 @@ class ActionExecutor:
             finally:
                 if reusable:
                     self._remove_later(action.name)
-                await release(sidecar, reusable)
+                await release(sidecar, reusable, reason)
 
     async def _run_in(
         self,

@@ -106,7 +106,10 @@ class OperationStore:
         keep_done_s: float = 3600,
         max_done: int = 10_000,
         clock: Callable[[], float] = time.monotonic,
+        on_finish: Callable[[re_pb2.ExecuteResponse], None] | None = None,
     ) -> None:
+        """`on_finish` sees every operation's final response once (the metrics)."""
+        self._on_finish = on_finish
         self._keep_done_s = keep_done_s
         self._max_done = max_done
         self._clock = clock
@@ -123,6 +126,8 @@ class OperationStore:
         return state
 
     def _finished(self, state: OperationState) -> None:
+        if self._on_finish is not None and state.response is not None:
+            self._on_finish(state.response)
         if self._operations.get(state.name) is state:
             self._done[state.name] = state
 
@@ -152,6 +157,9 @@ class OperationStore:
         chosen = names[start : start + size]
         following = names[start + size] if start + size < len(names) else ""
         return [self._operations[n] for n in chosen], following
+
+    def __len__(self) -> int:
+        return len(self._operations)
 
     def _prune(self) -> None:
         """Forgets finished operations older than keep_done_s, and the oldest ones beyond

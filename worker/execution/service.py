@@ -80,6 +80,11 @@ class ExecutionService:
         self._shutdown_status = SHUTDOWN_STATUS
 
     @property
+    def running_count(self) -> int:
+        """Actions holding a slot (being executed)."""
+        return sum(1 for s in self._in_flight.values() if s.stage == Stage.EXECUTING)
+
+    @property
     def queue_length(self) -> int:
         """Actions waiting for a slot; a cancelled one leaves the queue at once."""
         return len(self._queue)

@@ -6,6 +6,7 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +21,9 @@ from worker.execution.operations import OperationStore
 from worker.execution.service import ExecutionService
 from worker.execution.sidecar_run import SidecarRun
 from worker.handles import empty_dir, remove_tree
+from worker.pool.events import PoolEvents
 from worker.pool.pools import SidecarPools
+from worker.reapi import re_pb2
 from worker.runtime.docker import DockerRuntime
 from worker.runtime.exec_waiter import ExecWaiter
 from worker.runtime.protocol import ContainerRuntime, ContainerRuntimeError
@@ -80,6 +83,8 @@ class ExecutionSide:
         store: DiskBlobStore,
         action_cache: DiskActionCache,
         runtime: ContainerRuntime | None = None,
+        pool_events: PoolEvents | None = None,
+        on_operation_finished: Callable[[re_pb2.ExecuteResponse], None] | None = None,
     ) -> None:
         execution = settings.execution
         self.exec_root = prepare_exec_root(
@@ -100,6 +105,7 @@ class ExecutionSide:
             self.exec_root.sidecars,
             self.exec_root.runner,
             self.limiter,
+            events=pool_events,
         )
         self.executor = ActionExecutor(
             store,
@@ -112,7 +118,7 @@ class ExecutionSide:
         self.service = ExecutionService(
             self.executor,
             action_cache,
-            OperationStore(),
+            OperationStore(on_finish=on_operation_finished),
             slots=execution.max_concurrent_actions,
             queue_size=execution.queue_size,
         )

@@ -1,9 +1,11 @@
-"""All sidecar pools of this worker: creation, pre-warming, upkeep, clean-up of leftovers."""
+"""All sidecar pools of this worker: creation, pre-warming, upkeep, clean-up of leftovers, and
+the operators' changes (scale, drain, recycle, refresh, reload) to the running pools."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import fnmatch
 import logging
 import os
 import secrets
@@ -14,11 +16,11 @@ from pathlib import Path
 import anyio
 
 from worker.config import ExecutionSettings, PoolSettings
-from worker.errors import FailedPrecondition, Unavailable
-from worker.execution.agent_run import connect_agent
-from worker.execution.platform import ExecutionPlatform, image_reference, parse_user
+from worker.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from worker.handles import empty_dir, remove_tree
-from worker.pool.images import ImageResolver
+from worker.pool.agent_socket import connect_agent
+from worker.pool.events import NoEvents, PoolEvents
+from worker.pool.images import ImageResolver, is_digest
 from worker.pool.sidecar_pool import PoolKey, Sidecar, SidecarPool
 from worker.runner_contract import (
     AGENT_DIR_IN_SIDECAR,
@@ -48,6 +50,8 @@ IMAGE_LABEL = "sidecar-executor.image"
 ROOM_WAIT_S = 300.0
 # How long a new sidecar's agent may take to listen.
 AGENT_START_S = 15.0
+# Pool settings that are part of the PoolKey: changing them makes new sidecars of a new pool.
+KEY_FIELDS = ("cpus", "memory_bytes", "pids_limit", "dispatch")
 
 # What the runner, as root inside a sidecar of a non-root pool, needs: switch to the
 # action's user and drop every capability for it (SETUID, SETGID, SETPCAP), kill the
@@ -95,6 +99,7 @@ class SidecarPools:
         runner_dir: Path,
         limiter: anyio.CapacityLimiter,
         maintain_interval_s: float = 5.0,
+        events: PoolEvents | None = None,
     ) -> None:
         self._runtime = runtime
         self._settings = settings
@@ -108,8 +113,18 @@ class SidecarPools:
         self._runner_dir = runner_dir
         self._limiter = limiter
         self._maintain_interval_s = maintain_interval_s
-        self.images = ImageResolver(runtime, limiter, settings.pull_timeout_s)
+        self._events: PoolEvents = events or NoEvents()
+        self.images = ImageResolver(runtime, limiter, settings.pull_timeout_s, events=self._events)
         self._pools: dict[PoolKey, SidecarPool] = {}
+        # Pools whose image or settings were replaced: they serve no new lease and go once
+        # their sidecars are gone.
+        self._retiring: list[SidecarPool] = []
+        # Operators' changes (pools scale), by image reference, on top of the settings.
+        self._overrides: dict[str, PoolSettings] = {}
+        self._drained: set[str] = set()
+        # Pre-warms that failed (image missing, daemon away): retried by every upkeep.
+        self._warm_failures: dict[str, str] = {}
+        self._upkeep_wanted = asyncio.Event()
         self._maintainer: asyncio.Task[None] | None = None
         # Sidecars whose container or directory could not be removed (daemon away): retried.
         self._undestroyed: list[Sidecar] = []
@@ -121,20 +136,6 @@ class SidecarPools:
 
     async def start(self) -> None:
         await self.remove_leftovers()
-        for reference, settings in self._settings.image_pools.items():
-            if settings.min_idle > 0:
-                try:
-                    uid, gid = parse_user(self._settings.default_user)
-                    platform = ExecutionPlatform(
-                        image=image_reference(reference),
-                        network="none",
-                        uid=uid,
-                        gid=gid,
-                        reuse_sidecar=True,
-                    )
-                    self.pool_for(await self.key_for(platform), platform.image)
-                except Exception as error:
-                    log.warning("cannot pre-warm %s: %s", reference, error)
         await self.maintain_all()
         self._maintainer = asyncio.create_task(self._maintain_forever())
 
@@ -155,28 +156,72 @@ class SidecarPools:
             self._maintainer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._maintainer
-        for pool in self._pools.values():
+        for pool in [*self._pools.values(), *self._retiring]:
             await pool.close()
         with contextlib.suppress(ContainerRuntimeError):
             await self.remove_leftovers()
 
     async def _maintain_forever(self) -> None:
         while True:
-            await asyncio.sleep(self._maintain_interval_s)
+            # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancel that
+            # arrives as the event is set, and close() would wait forever.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self._maintain_interval_s):
+                    await self._upkeep_wanted.wait()
+            self._upkeep_wanted.clear()
             try:
                 await self.maintain_all()
             except Exception:
                 log.exception("sidecar pool upkeep failed")
 
+    def wake_upkeep(self) -> None:
+        """Runs upkeep now rather than at the next interval (a pool asked for more sidecars)."""
+        self._upkeep_wanted.set()
+
     async def maintain_all(self) -> None:
         for sidecar in self._undestroyed[:]:
             self._undestroyed.remove(sidecar)
             await self.destroy(sidecar)
+        await self._keep_configured_pools_warm()
         for key, pool in list(self._pools.items()):
             room = max(self._settings.max_sidecars_total - self._live, 0)
             await pool.maintain(self._is_alive, may_create=room)
-            if pool.is_empty and pool.settings.min_idle == 0:
+            if pool.is_empty and pool.warm_target == 0 and not pool.draining:
                 del self._pools[key]  # Many images or users over time must not pile up.
+        for pool in self._retiring[:]:
+            await pool.maintain(self._is_alive, may_create=0)
+            if pool.is_empty:
+                self._retiring.remove(pool)
+
+    async def _keep_configured_pools_warm(self) -> None:
+        """Every image with min_idle > 0 (configured or scaled) has its pool, for the default
+        user and network `none`, on the image the reference names now (a pool of an older
+        image of it is superseded). A failure is logged once and retried at every upkeep."""
+        references = {*self._settings.image_pools, *self._overrides}
+        for reference in sorted(references):
+            if reference in self._drained or self.settings_for(reference).min_idle == 0:
+                continue
+            try:
+                key = await self.key_for(reference, self._settings.default_user, "none")
+            except Exception as error:
+                if self._warm_failures.get(reference) != str(error):
+                    log.warning("cannot pre-warm %s (retried): %s", reference, error)
+                self._warm_failures[reference] = str(error)
+                continue
+            if self._warm_failures.pop(reference, None) is not None:
+                log.info("pre-warming %s now works", reference)
+            self.pool_for(key, reference)
+            for other in self.find(reference):
+                if (other.key.user, other.key.network) == (key.user, key.network) and (
+                    other.key.image_id != key.image_id
+                ):
+                    log.info(
+                        "%s now names %s; the pool of %s winds down",
+                        reference,
+                        key.image_id[:19],
+                        other.key.image_id[:19],
+                    )
+                    await self._supersede(other)
 
     async def _is_alive(self, sidecar: Sidecar) -> bool:
         try:
@@ -188,27 +233,30 @@ class SidecarPools:
 
     # ------------------------------------------------------------------ pools
 
-    def _pool_settings(self, image: str) -> PoolSettings:
-        return self._settings.pool_for(image)
+    def settings_for(self, image: str) -> PoolSettings:
+        """The pool settings of an image: an operator's change, else the configuration's."""
+        return self._overrides.get(image) or self._settings.pool_for(image)
 
-    async def key_for(self, platform: ExecutionPlatform) -> PoolKey:
-        image_id = await self.images.resolve(platform.image)
-        limits = self._pool_settings(platform.image)
+    async def key_for(self, image: str, user: str, network: str) -> PoolKey:
+        """The key of the pool for `image` (a reference, resolved by its pull policy), the
+        canonical `uid:gid` `user` and `network`."""
+        limits = self.settings_for(image)
+        image_id = await self.images.resolve(image, limits.pull_policy, limits.pull_interval_s)
         volumes = self._volumes.get(image_id)
         if volumes is None:  # an image ID names fixed content: asked once per image
             try:
                 found = await in_thread(self._limiter, self._runtime.image_volumes, image_id)
             except RuntimeUnavailable as error:
-                raise Unavailable(f"image {platform.image!r}: {error}") from None
+                raise Unavailable(f"image {image!r}: {error}") from None
             except ContainerRuntimeError as error:
-                raise FailedPrecondition(f"image {platform.image!r}: {error}") from None
+                raise FailedPrecondition(f"image {image!r}: {error}") from None
             if len(self._volumes) >= 4096:
                 self._volumes.clear()
             volumes = self._volumes[image_id] = tuple(found)
         return PoolKey(
             image_id=image_id,
-            user=platform.user,
-            network=platform.network,
+            user=user,
+            network=network,
             cpus=limits.cpus,
             memory_bytes=limits.memory_bytes,
             pids_limit=limits.pids_limit,
@@ -220,13 +268,192 @@ class SidecarPools:
         """The pool of `key` (from key_for), made with `image`'s pool settings if new."""
         pool = self._pools.get(key)
         if pool is None:
-            pool = SidecarPool(key, self._pool_settings(image), self.create, self.destroy)
+            pool = SidecarPool(
+                key,
+                self.settings_for(image),
+                self.create,
+                self.destroy,
+                reference=image,
+                events=self._events,
+                wake_upkeep=self.wake_upkeep,
+            )
+            pool.draining = image in self._drained
             self._pools[key] = pool
         return pool
 
     @property
     def pools(self) -> list[SidecarPool]:
+        """The pools serving new leases."""
         return list(self._pools.values())
+
+    @property
+    def retiring_pools(self) -> list[SidecarPool]:
+        """Pools replaced by a newer image or settings, until their sidecars are gone."""
+        return list(self._retiring)
+
+    async def _supersede(self, pool: SidecarPool) -> None:
+        if self._pools.get(pool.key) is pool:
+            del self._pools[pool.key]
+            self._retiring.append(pool)
+        await pool.supersede()
+
+    # -------------------------------------------------------------- operators
+
+    def find(self, image: str) -> list[SidecarPool]:
+        """The serving pools of an image, named as clients name it (`docker://` optional) or
+        by (a prefix of) its image ID."""
+        image = image.removeprefix("docker://").strip()
+        by_id = image if image.startswith("sha256:") else f"sha256:{image}"
+        return [
+            p
+            for p in self._pools.values()
+            if p.reference == image or (len(by_id) >= 19 and p.key.image_id.startswith(by_id))
+        ]
+
+    def _known(self, image: str) -> list[SidecarPool]:
+        """The pools of an image an operator names; NotFound if it has none and is not
+        configured."""
+        found = self.find(image)
+        reference = image.removeprefix("docker://").strip()
+        if not found and reference not in {*self._settings.image_pools, *self._overrides}:
+            raise NotFound(
+                f"no pool of image {image!r} on this worker (and none configured); "
+                "`pools list` shows the pools"
+            )
+        return found
+
+    async def scale(
+        self,
+        image: str,
+        min_idle: int | None = None,
+        max_sidecars: int | None = None,
+        idle_ttl_s: float | None = None,
+    ) -> PoolSettings:
+        """Changes an image's pool settings now (pre-warms or sheds at once) and lifts a
+        drain. Lasts until a reload changes that image's entry, or a restart."""
+        reference = image.removeprefix("docker://").strip()
+        if not reference or any(c.isspace() for c in reference):
+            raise InvalidArgument(f"{image!r} is not an image reference")
+        if not any(fnmatch.fnmatchcase(reference, p) for p in self._settings.allowed_images):
+            raise FailedPrecondition(
+                f"image {reference!r} is not in execution.allowed_images; no action could use "
+                "its pool"
+            )
+        changes: dict[str, object] = {}
+        for name, value in (
+            ("min_idle", min_idle),
+            ("max_sidecars", max_sidecars),
+            ("idle_ttl_s", idle_ttl_s),
+        ):
+            if value is not None:
+                if value < 0:
+                    raise InvalidArgument(f"{name} must not be negative (got {value})")
+                changes[name] = value
+        current = self.settings_for(reference)
+        try:
+            updated = PoolSettings.model_validate({**current.model_dump(), **changes})
+        except ValueError as error:
+            raise InvalidArgument(f"invalid pool settings: {error}") from None
+        if updated.min_idle > updated.max_sidecars:
+            raise InvalidArgument(
+                f"min_idle {updated.min_idle} is above max_sidecars {updated.max_sidecars}"
+            )
+        pools = self.find(reference)
+        if not pools and updated.min_idle > 0:
+            # Resolves (or pulls) the image now, so an unknown one is an error here.
+            await self.key_for(reference, self._settings.default_user, "none")
+        self._overrides[reference] = updated
+        self._drained.discard(reference)
+        for pool in pools:
+            await pool.resume()
+            await pool.update(updated)
+        log.info(
+            "operator: pool of %s scaled to min_idle=%d max_sidecars=%d idle_ttl_s=%g",
+            reference,
+            updated.min_idle,
+            updated.max_sidecars,
+            updated.idle_ttl_s,
+        )
+        self.wake_upkeep()
+        return updated
+
+    async def drain(self, image: str) -> int:
+        """No new leases for the image's pools; running actions finish, then the sidecars
+        go. New actions wait or are refused (pool setting when_drained). Returns how many
+        pools were drained."""
+        pools = self._known(image)
+        self._drained.add(image.removeprefix("docker://").strip())
+        for pool in pools:
+            await pool.drain()
+        log.info("operator: drained the %d pool(s) of %s", len(pools), image)
+        self.wake_upkeep()
+        return len(pools)
+
+    async def recycle(self, image: str) -> int:
+        """Replaces every sidecar of the image's pools once its actions are done. Returns
+        how many sidecars were retired."""
+        retired = 0
+        for pool in self._known(image):
+            retired += await pool.recycle()
+        log.info("operator: recycling %d sidecar(s) of %s", retired, image)
+        self.wake_upkeep()
+        return retired
+
+    async def refresh(self, image: str) -> tuple[list[str], str]:
+        """Re-resolves a tag (pulling it) and moves its pools to the image it names now: new
+        actions get sidecars of the new image, the old pools wind down once their actions are
+        done. Returns the image IDs the pools had and the one the tag names now."""
+        reference = image.removeprefix("docker://").strip()
+        if is_digest(reference):
+            raise InvalidArgument(f"{image!r} names a digest, which never moves")
+        pools = self._known(reference)
+        before = sorted({p.key.image_id for p in pools})
+        image_id = await self.images.refresh(reference)
+        moved = [p for p in pools if p.key.image_id != image_id]
+        for pool in moved:
+            key = await self.key_for(reference, pool.key.user, pool.key.network)
+            fresh = self.pool_for(key, reference)
+            await fresh.update(pool.settings)
+            await self._supersede(pool)
+        log.info(
+            "operator: refreshed %s: %s -> %s (%d pool(s) moved)",
+            reference,
+            ",".join(i[:19] for i in before) or "no pool",
+            image_id[:19],
+            len(moved),
+        )
+        self.wake_upkeep()
+        return before, image_id
+
+    async def apply_settings(self, settings: ExecutionSettings) -> list[str]:
+        """A reloaded configuration's pool settings, applied in place. An image whose entry
+        changed (or was added or removed) loses an operator's change of it; its pools get the
+        new settings, or, when a setting that keys the pool (limits, dispatch) changed, wind
+        down for new ones. The pools of a removed entry wind down (drain gracefully: idle
+        sidecars go now, busy ones when done); its next action gets a pool with the defaults.
+        Returns the images whose settings changed."""
+        old = self._settings
+        self._settings = settings
+        changed = sorted(
+            reference
+            for reference in {*old.image_pools, *settings.image_pools}
+            if old.image_pools.get(reference) != settings.image_pools.get(reference)
+        )
+        for reference in changed:
+            self._overrides.pop(reference, None)
+        removed = set(old.image_pools) - set(settings.image_pools)
+        for pool in list(self._pools.values()):
+            wanted = self.settings_for(pool.reference)
+            if pool.reference in removed:
+                await self._supersede(pool)  # its idle sidecars go now, busy ones after
+            elif wanted == pool.settings:
+                continue
+            elif any(getattr(wanted, f) != getattr(pool.key, f) for f in KEY_FIELDS):
+                await self._supersede(pool)
+            else:
+                await pool.update(wanted)
+        self.wake_upkeep()
+        return changed
 
     # ------------------------------------------------------- single sidecars
 
@@ -265,7 +492,11 @@ class SidecarPools:
         images cannot make the worker hold unbounded containers."""
         deadline = time.monotonic() + ROOM_WAIT_S
         while self._live >= self._settings.max_sidecars_total:
-            idle = [(s.last_used, id(s), s, p) for p in self._pools.values() for s in p.idle()]
+            idle = [
+                (s.last_used, id(s), s, p)
+                for p in [*self._pools.values(), *self._retiring]
+                for s in p.idle()
+            ]
             if idle:
                 _, _, victim, pool = min(idle)
                 await pool.evict(victim)

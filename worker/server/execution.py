@@ -95,8 +95,9 @@ class OperationsServicer(ops_grpc.OperationsServicer):
     Operations API." Get, Cancel and Delete take a name and answer NOT_FOUND for one this
     server does not know. ListOperations is refused with PERMISSION_DENIED whatever its
     `name`, `filter`, `page_size` or `page_token`: it would hand every client the names (and
-    so the power to cancel) of everyone's operations. Listing is an operator function; it
-    belongs to the admin interface to come, not to this port, so `filter` is not implemented.
+    so the power to cancel) of everyone's operations. Listing, and cancelling any operation,
+    are operator functions of the admin interface on its own address (worker/admin/,
+    `sidecar-executor operations list|cancel`), so `filter` is not implemented here.
     """
 
     def __init__(self, service: ExecutionService) -> None:

@@ -1,0 +1,106 @@
+"""Counts every gRPC request by method and final status code (sidecar_executor_grpc_requests)."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+from prometheus_client import Counter
+
+Context = grpc.aio.ServicerContext[Any, Any]
+
+
+def _code_name(context: Context, default: grpc.StatusCode) -> str:
+    code = context.code()
+    if isinstance(code, grpc.StatusCode):
+        return code.name
+    if isinstance(code, int):
+        for known in grpc.StatusCode:
+            if known.value[0] == code:
+                return known.name
+    return default.name
+
+
+class RequestCounter(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
+    """Wraps each handler; the code is the one the handler set or aborted with, OK when it
+    ended normally, CANCELLED when the client went away, UNKNOWN for an escaped error."""
+
+    def __init__(self, requests: Counter) -> None:
+        self._requests = requests
+
+    def _count(self, method: str, context: Context, default: grpc.StatusCode) -> None:
+        self._requests.labels(method, _code_name(context, default)).inc()
+
+    async def intercept_service(
+        self,
+        continuation: Callable[
+            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any]]
+        ],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any]:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return handler
+        method = handler_call_details.method
+        if handler.unary_unary is not None:
+            return grpc.unary_unary_rpc_method_handler(
+                self._unary(method, handler.unary_unary),
+                handler.request_deserializer,
+                handler.response_serializer,
+            )
+        if handler.stream_unary is not None:
+            return grpc.stream_unary_rpc_method_handler(
+                self._unary(method, handler.stream_unary),
+                handler.request_deserializer,
+                handler.response_serializer,
+            )
+        if handler.unary_stream is not None:
+            return grpc.unary_stream_rpc_method_handler(
+                self._streaming(method, handler.unary_stream),
+                handler.request_deserializer,
+                handler.response_serializer,
+            )
+        if handler.stream_stream is not None:
+            return grpc.stream_stream_rpc_method_handler(
+                self._streaming(method, handler.stream_stream),
+                handler.request_deserializer,
+                handler.response_serializer,
+            )
+        return handler
+
+    def _unary(self, method: str, behaviour: Any) -> Any:
+        async def counted(request: Any, context: Context) -> Any:
+            default = grpc.StatusCode.UNKNOWN
+            try:
+                response = await behaviour(request, context)
+                default = grpc.StatusCode.OK
+                return response
+            except asyncio.CancelledError:
+                default = grpc.StatusCode.CANCELLED
+                raise
+            finally:
+                self._count(method, context, default)
+
+        return counted
+
+    def _streaming(self, method: str, behaviour: Any) -> Any:
+        async def counted(request: Any, context: Context) -> AsyncIterator[Any]:
+            default = grpc.StatusCode.UNKNOWN
+            try:
+                result = behaviour(request, context)
+                if inspect.isasyncgen(result):
+                    async for item in result:
+                        yield item
+                else:  # a coroutine that writes with context.write
+                    await result
+                default = grpc.StatusCode.OK
+            except (asyncio.CancelledError, GeneratorExit):
+                default = grpc.StatusCode.CANCELLED
+                raise
+            finally:
+                self._count(method, context, default)
+
+        return counted
