@@ -33,7 +33,6 @@ class SlowContainers(Containers):
         return await super().create(key)
 
 
-
 @pytest.fixture(autouse=True)
 def exec_dispatch(monkeypatch: pytest.MonkeyPatch) -> None:
     """The fake runtime models `docker exec` of the runner; the agent runs only in real
