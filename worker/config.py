@@ -150,6 +150,20 @@ class ExecutionSettings(Section):
         return self.image_pools.get(image, self.pool)
 
 
+class HealthSettings(Section):
+    """Start-up and gRPC health of the execution side (see docs/DEPLOY.md)."""
+
+    startup_wait_s: float = Field(
+        0, ge=0, description="how long start-up waits for the Docker daemon; 0: as long as it takes"
+    )
+    startup_backoff_max_s: float = Field(
+        10, gt=0, description="longest pause between two tries to reach the daemon at start-up"
+    )
+    check_interval_s: float = Field(
+        5, gt=0, description="how often the daemon and the exec root are checked for health"
+    )
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="SIDECAR_EXECUTOR_", env_nested_delimiter="__", extra="forbid"
@@ -159,6 +173,7 @@ class Settings(BaseSettings):
     server: ServerSettings = ServerSettings()
     storage: StorageSettings = StorageSettings()
     execution: ExecutionSettings = ExecutionSettings()
+    health: HealthSettings = HealthSettings()
 
     @model_validator(mode="after")
     def _batch_fits_in_a_message(self) -> Settings:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import signal
 from typing import Any
@@ -31,11 +32,22 @@ def settings_for(args: argparse.Namespace) -> Settings:
 
 async def _serve(settings: Settings) -> None:
     service = Service(settings)
-    await service.start()
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stopping.set)
+    # Start-up may wait long for the Docker daemon: a signal meanwhile ends it cleanly.
+    starting = asyncio.create_task(service.start())
+    signalled = asyncio.create_task(stopping.wait())
+    await asyncio.wait({starting, signalled}, return_when=asyncio.FIRST_COMPLETED)
+    if not starting.done():
+        starting.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await starting
+        log.info("stopped before execution was ready")
+        return
+    signalled.cancel()
+    starting.result()
     await stopping.wait()
     log.info("stopping")
     await service.stop()
