@@ -17,7 +17,7 @@ RUN_PACKAGES  := docker.io busybox-static curl
 TEST_PACKAGES := $(RUN_PACKAGES) bazel-bootstrap bazel-bootstrap-source
 HOST := deploy/local
 
-.PHONY: run test check lint typecheck unit bench build host-run host-test clean
+.PHONY: run test check lint typecheck unit bench build host-run host-test clean image
 
 build: $(INSTALLED) $(GEN_STAMP) $(RUNNER)
 
@@ -73,6 +73,18 @@ test: build host-test
 
 bench: build host-test
 	$(BIN)/python -m bench
+
+# The worker image, built with no image registry: the base is IMAGE_BASE when given (a Debian 12
+# image a registry serves, e.g. debian:bookworm-slim pinned by digest), else a Debian base made
+# here by debootstrap; Python wheels come from the host's pip (deploy/local/image-wheels.sh).
+# --network host: this machine's daemon has no bridge network, so the build's apt needs it.
+IMAGE      ?= sidecar-executor:dev
+IMAGE_BASE ?=
+image: $(INSTALLED) host-run
+	$(HOST)/install-host-packages.sh debootstrap
+	$(HOST)/image-wheels.sh $(BIN)/python
+	base="$(IMAGE_BASE)"; [ -n "$$base" ] || base=$$($(HOST)/debian-base-image.sh); \
+	docker build --network host --build-arg BASE=$$base -f deploy/Dockerfile -t $(IMAGE) .
 
 clean:
 	rm -rf $(VENV) $(GEN) sidecar/build
