@@ -8,6 +8,7 @@ import logging
 import socket
 import tarfile
 import threading
+import uuid
 from collections.abc import Iterator
 from typing import Any
 
@@ -18,6 +19,7 @@ import requests.exceptions
 from worker.runtime.protocol import (
     ContainerGone,
     ContainerNotRunning,
+    ContainerRuntimeError,
     ExecExitCallback,
     ExecSpec,
     ImageUnavailable,
@@ -32,6 +34,8 @@ log = logging.getLogger(__name__)
 # file; its containers are labelled so a leftover one is recognisable.
 PROBE_IMAGE = "sidecar-executor/exec-root-probe:1"
 PROBE_LABEL = "sidecar-executor.probe"
+# A random value per creation, so a container whose creation seemed to fail can be found.
+CREATION_LABEL = "sidecar-executor.creation"
 
 
 def _close_socket_on_failed_connect() -> None:
@@ -93,6 +97,8 @@ class DockerRuntime:
         self._events: Any = None
         self._events_lock = threading.Lock()
         self._closed = False
+        # Creations that failed and may have left a container behind, by creation label.
+        self._failed_creations: set[str] = set()
 
     def _connect(self) -> tuple[Any, Any]:
         with self._clients_lock:
@@ -129,6 +135,7 @@ class DockerRuntime:
     def ping(self) -> None:
         with _translated("pinging Docker"):
             self._api.ping()
+        self.remove_failed_creations()
 
     def read_shared_file(self, path: str) -> bytes:
         """Reads `path` through the daemon: a container that bind-mounts its directory at the
@@ -222,25 +229,53 @@ class DockerRuntime:
             read_only=spec.read_only_root,
             tmpfs=spec.tmpfs or None,
         )
-        with _translated(f"creating a sidecar of {spec.image_id}"):
-            created = self._api.create_container(
-                spec.image_id,
-                command=spec.command,
-                entrypoint=spec.entrypoint,
-                labels=spec.labels,
-                host_config=host_config,
-                name=spec.name,
-                network_disabled=spec.network == "none",
-                user="0:0",
-            )
+        self.remove_failed_creations()
+        token = uuid.uuid4().hex
+        try:
+            with _translated(f"creating a sidecar of {spec.image_id}"):
+                created = self._api.create_container(
+                    spec.image_id,
+                    command=spec.command,
+                    entrypoint=spec.entrypoint,
+                    labels={**spec.labels, CREATION_LABEL: token},
+                    host_config=host_config,
+                    name=spec.name,
+                    network_disabled=spec.network == "none",
+                    user="0:0",
+                )
+        except RuntimeUnavailable:
+            # The daemon may have made the container and lost the answer (it was stopping).
+            self._failed_creations.add(token)
+            raise
         container_id = str(created["Id"])
         try:
             with _translated(f"starting sidecar {container_id[:12]}"):
                 self._api.start(container_id)
         except Exception:
-            self.remove_container(container_id)
+            try:
+                self.remove_container(container_id)
+            except ContainerRuntimeError:
+                self._failed_creations.add(token)
             raise
         return container_id
+
+    def remove_failed_creations(self) -> None:
+        """Removes the containers of creations that failed while the daemon was going away
+        (nobody else knows their IDs). Cheap when there are none; kept for later when the
+        daemon still cannot be asked."""
+        for token in list(self._failed_creations):
+            try:
+                with _translated("listing containers of failed creations"):
+                    found = self._api.containers(
+                        all=True, filters={"label": f"{CREATION_LABEL}={token}"}
+                    )
+                for container in found:
+                    self.remove_container(str(container["Id"]))
+            except ContainerRuntimeError:
+                return
+            self._failed_creations.discard(token)
+            if found:
+                log.info("removed a sidecar whose creation had failed: %s", found[0]["Id"][:12])
 
     def remove_container(self, container_id: str) -> None:
         try:
