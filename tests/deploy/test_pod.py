@@ -4,12 +4,14 @@ Bazel 4.2.3 from inside the pod's network namespace."""
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import docker
 import pytest
 from grpc_health.v1 import health_pb2
 
@@ -109,6 +111,20 @@ def genrules(count: int, script: str) -> str:
 
 def sidecars_running(pod: SimulatedPod) -> int:
     return sum(1 for c in pod.daemon_containers() if c["State"] == "running")
+
+
+def running_in_sidecars(pod: SimulatedPod, command: str) -> bool:
+    """Whether a process whose command line holds `command` runs in one of the sidecars."""
+    client = pod.daemon()
+    try:
+        for found in client.containers():
+            with contextlib.suppress(docker.errors.APIError):
+                processes = client.top(found["Id"])["Processes"] or []
+                if any(command in " ".join(p) for p in processes):
+                    return True
+        return False
+    finally:
+        client.close()
 
 
 @pytest.mark.timeout(2400)  # the first run builds the images (about 2 minutes here)
@@ -230,8 +246,7 @@ def test_sigterm_drains_running_actions_and_the_daemon_waits_for_the_worker(
     )
     builder.start()
     try:
-        eventually(lambda: sidecars_running(pod) > 0, "no sidecar ever ran")
-        time.sleep(1)
+        eventually(lambda: running_in_sidecars(pod, "sleep 6"), "the action never started")
         # Kubernetes: both preStop hooks start; the worker's SIGTERM follows its 5 s sleep
         # (left out here), the daemon's only when its hook, waiting for the worker, ends.
         dind_pre_stop = subprocess.Popen(
