@@ -142,14 +142,18 @@ class Service:
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
         await self._execution_health("starting")
         host = self.settings.server.listen.rpartition(":")[0]
-        log.info("serving REAPI v2 on %s:%d (data in %s)", host, self.port, self.settings.data_dir)
         if self.execution is not None:
+            log.info(
+                "listening on %s:%d; execution starts once its daemon is ready", host, self.port
+            )
             try:
                 await self.execution.start(listener=self._execution_health)
             except BaseException:
                 await self._abandon_start()
                 raise
         await self._execution_health(None)
+        # Scripts and tests take this line as "ready": it comes once execution works.
+        log.info("serving REAPI v2 on %s:%d (data in %s)", host, self.port, self.settings.data_dir)
 
     async def _execution_health(self, problem: str | None) -> None:
         """The overall status ("", what readiness probes ask) follows execution's readiness."""
