@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import socket
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -17,6 +18,9 @@ class DaemonProxy:
     def __init__(self, path: Path, target: str = "/var/run/docker.sock") -> None:
         self.path = path
         self.target = target
+        # Requests whose first bytes hold this are forwarded, but their connection is cut
+        # before the answer comes back: the daemon did the work, the client never hears.
+        self.lose_answers_to: bytes | None = None
         self._listener: socket.socket | None = None
         self._connections: list[socket.socket] = []
         self._lock = threading.Lock()
@@ -67,13 +71,33 @@ class DaemonProxy:
                     upstream.close()
                     return
                 self._connections += [client, upstream]
-            for source, sink in ((client, upstream), (upstream, client)):
-                threading.Thread(target=pump, args=(source, sink), daemon=True).start()
+            lost = threading.Event()
+            threading.Thread(
+                target=pump,
+                args=(client, upstream, lambda: self.lose_answers_to, lost),
+                daemon=True,
+            ).start()
+            threading.Thread(target=pump, args=(upstream, client, None, lost), daemon=True).start()
 
 
-def pump(source: socket.socket, sink: socket.socket) -> None:
+def pump(
+    source: socket.socket,
+    sink: socket.socket,
+    marker: Callable[[], bytes | None] | None = None,
+    lost: threading.Event | None = None,
+) -> None:
+    """Copies source to sink. A request holding what `marker()` returns sets `lost`; an
+    answer while `lost` is set cuts both sockets instead."""
     try:
         while data := source.recv(65536):
+            wanted = marker() if marker is not None else None
+            if wanted is not None and lost is not None and wanted in data:
+                lost.set()
+            elif marker is None and lost is not None and lost.is_set():
+                for end in (source, sink):
+                    with contextlib.suppress(OSError):
+                        end.shutdown(socket.SHUT_RDWR)
+                return
             sink.sendall(data)
     except OSError:
         pass
