@@ -30,7 +30,7 @@ from worker.handles import empty_dir, remove_tree
 from worker.pool.pools import SidecarPools
 from worker.runtime.docker import DockerRuntime
 from worker.runtime.exec_waiter import ExecWaiter
-from worker.runtime.protocol import ContainerRuntime
+from worker.runtime.protocol import ContainerRuntime, ContainerRuntimeError
 
 log = logging.getLogger(__name__)
 
@@ -134,15 +134,23 @@ class ExecutionSide:
         pools and the queue, then watches readiness and tells `listener` of every change."""
         health = self._settings.health
         docker_url = self._settings.execution.docker_url
-        await wait_for_daemon(
-            self.runtime,
-            docker_url,
-            health.startup_wait_s if daemon_wait_s is None else daemon_wait_s,
-            health.startup_backoff_max_s,
-        )
-        await anyio.to_thread.run_sync(
-            prove_exec_root_shared, self.runtime, self._settings.exec_root, docker_url
-        )
+        while True:
+            await wait_for_daemon(
+                self.runtime,
+                docker_url,
+                health.startup_wait_s if daemon_wait_s is None else daemon_wait_s,
+                health.startup_backoff_max_s,
+            )
+            try:
+                await anyio.to_thread.run_sync(
+                    prove_exec_root_shared, self.runtime, self._settings.exec_root, docker_url
+                )
+                break
+            except ContainerRuntimeError as error:  # it went away again: wait once more
+                log.info(
+                    "the Docker daemon at %s could not prove the exec root: %s", docker_url, error
+                )
+                await anyio.sleep(health.startup_backoff_max_s)
         log.info(
             "the Docker daemon at %s shares the exec root %s", docker_url, self._settings.exec_root
         )

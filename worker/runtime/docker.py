@@ -146,14 +146,17 @@ class DockerRuntime:
         host_config = self._api.create_host_config(
             binds={directory: {"bind": directory, "mode": "ro"}}, network_mode="none"
         )
-        with _translated("creating the exec-root probe container"):
-            created = self._api.create_container(
-                image,
-                command=["/none"],
-                host_config=host_config,
-                network_disabled=True,
-                labels={PROBE_LABEL: "1"},
-            )
+        try:
+            with _translated("creating the exec-root probe container"):
+                created = self._api.create_container(
+                    image,
+                    command=["/none"],
+                    host_config=host_config,
+                    network_disabled=True,
+                    labels={PROBE_LABEL: "1"},
+                )
+        except ContainerGone as error:  # the probe image went missing: not the file's absence
+            raise RuntimeRejected(str(error)) from error
         container_id = str(created["Id"])
         try:
             with _translated(f"reading {path} through Docker"):
