@@ -22,7 +22,7 @@ TEST_PACKAGES += postgresql-15
 BUILDGRID_VENV := .buildgrid/venv
 HOST := deploy/local
 
-.PHONY: run test check lint typecheck unit bench build host-run host-test clean
+.PHONY: run test check lint typecheck unit bench build host-run host-test clean image
 
 build: $(INSTALLED) $(GEN_STAMP) $(RUNNER)
 
@@ -79,6 +79,23 @@ test: build host-test
 
 bench: build host-test
 	$(BIN)/python -m bench
+
+# The worker image and the pod's Docker daemon image (Debian's docker.io), built with no image
+# registry: the base is IMAGE_BASE when given (a Debian 12 image a registry serves, e.g.
+# debian:bookworm-slim pinned by digest), else a Debian base made here by debootstrap; Python
+# wheels come from the host's pip (deploy/local/image-wheels.sh). --network host: a daemon
+# started with --bridge=none (as here) gives build containers no network for apt otherwise.
+IMAGE      ?= sidecar-executor:dev
+DIND_IMAGE ?= sidecar-executor-dind:dev
+IMAGE_BASE ?=
+image: $(INSTALLED) host-run
+	$(HOST)/install-host-packages.sh debootstrap
+	$(HOST)/image-wheels.sh $(BIN)/python
+	base="$(IMAGE_BASE)"; [ -n "$$base" ] || base=$$($(HOST)/debian-base-image.sh); \
+	docker build -q --network host --build-arg BASE=$$base -f deploy/Dockerfile -t $(IMAGE) . && \
+	docker build -q --network host --build-arg BASE=$$base -t $(DIND_IMAGE) deploy/dind
+	@docker image ls --format '{{.Repository}}:{{.Tag}} {{.Size}}' $(IMAGE)
+	@docker image ls --format '{{.Repository}}:{{.Tag}} {{.Size}}' $(DIND_IMAGE)
 
 clean:
 	rm -rf $(VENV) $(GEN) sidecar/build

@@ -43,6 +43,10 @@ from worker.server.execution import ExecutionServicer, OperationsServicer
 
 log = logging.getLogger(__name__)
 
+# The health service name liveness probes ask: SERVING while the process serves at all, even
+# while execution waits for its daemon (readiness probes ask "", which follows execution).
+LIVENESS = "liveness"
+
 
 @dataclass
 class Storage:
@@ -156,8 +160,13 @@ class Service:
             )
             reapi_services.append("Execution")
         names = [re_pb2.DESCRIPTOR.services_by_name[name].full_name for name in reapi_services]
+        self._execution_names: list[str] = []
         if self.execution is not None:
             names.append(ops_pb2.DESCRIPTOR.services_by_name["Operations"].full_name)
+            self._execution_names = [
+                re_pb2.DESCRIPTOR.services_by_name["Execution"].full_name,
+                names[-1],
+            ]
         names.append(bs_pb2.DESCRIPTOR.services_by_name["ByteStream"].full_name)
         names.append(health_pb2.DESCRIPTOR.services_by_name["Health"].full_name)
         reflection.enable_server_reflection([*names, reflection.SERVICE_NAME], server)
@@ -229,22 +238,53 @@ class Service:
             await asyncio.to_thread(self.metrics_endpoint.close)
 
     async def start(self) -> None:
-        if self.execution is not None:
-            await self.execution.start()
+        """Serves at once, then starts execution: until the Docker daemon answers and shares
+        the exec root, health says NOT_SERVING for "" and Execution (LIVENESS says SERVING).
+        Returns once execution is ready; raises StartupFailed when it cannot be."""
         listen = self.settings.server.listen
         if self._certificates is not None:
             self.port = self.server.add_secure_port(listen, self._certificates.credentials())
         else:
             self.port = self.server.add_insecure_port(listen)
         if self.port == 0:
-            raise OSError(f"cannot listen on {self.settings.server.listen}")
+            raise OSError(f"cannot listen on {listen}")
         await self.server.start()
         await self._start_operator_side()
-        for name in ["", *self._service_names]:
+        for name in [LIVENESS, *self._service_names]:
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        await self._execution_health("starting")
         host = self.settings.server.listen.rpartition(":")[0]
+        if self.execution is not None:
+            log.info(
+                "listening on %s:%d; execution starts once its daemon is ready", host, self.port
+            )
+            try:
+                await self.execution.start(listener=self._execution_health)
+            except BaseException:
+                await self._abandon_start()
+                raise
+        await self._execution_health(None)
+        # Scripts and tests take this line as "ready": it comes once execution works.
         log.info("serving REAPI v2 on %s:%d (data in %s)", host, self.port, self.settings.data_dir)
         log_protection(self.settings.server)
+
+    async def _execution_health(self, problem: str | None) -> None:
+        """The overall status ("", what readiness probes ask) follows execution's readiness."""
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if problem is None or self.execution is None
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for name in ["", *self._execution_names]:
+            await self._health.set(name, status)
+
+    async def _abandon_start(self) -> None:
+        await self._stop_operator_side()
+        await self.server.stop(0)
+        if self.execution is not None:
+            await self.execution.close()
+        self.storage.uploads.close()
+        self.identity.release()
 
     async def stop(self, grace_s: float | None = None) -> None:
         """Stops gracefully: health says NOT_SERVING, Execute is refused, queued actions end

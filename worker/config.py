@@ -303,6 +303,20 @@ class AdminSettings(Section):
         return ServerSettings._host_and_port(value)
 
 
+class HealthSettings(Section):
+    """Start-up and gRPC health of the execution side (see docs/DEPLOY.md)."""
+
+    startup_wait_s: float = Field(
+        0, ge=0, description="how long start-up waits for the Docker daemon; 0: as long as it takes"
+    )
+    startup_backoff_max_s: float = Field(
+        10, gt=0, description="longest pause between two tries to reach the daemon at start-up"
+    )
+    check_interval_s: float = Field(
+        5, gt=0, description="how often the daemon and the exec root are checked for health"
+    )
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="SIDECAR_EXECUTOR_", env_nested_delimiter="__", extra="forbid"
@@ -315,6 +329,8 @@ class Settings(BaseSettings):
     bot: BotSettings = BotSettings()
     metrics: MetricsSettings = MetricsSettings()
     admin: AdminSettings = AdminSettings()
+
+    health: HealthSettings = HealthSettings()
 
     @model_validator(mode="after")
     def _batch_fits_in_a_message(self) -> Settings:

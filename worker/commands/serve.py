@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import signal
 from typing import Any
@@ -35,13 +36,24 @@ async def _serve(settings: Settings, args: argparse.Namespace | None = None) -> 
         reload_settings=(lambda: settings_for(args)) if args is not None else None,
         config_file=args.config if args is not None else None,
     )
-    await service.start()
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stopping.set)
     if service.reloader is not None:  # SIGHUP: reload the configuration's pool settings
         loop.add_signal_handler(signal.SIGHUP, service.reloader.request)
+    # Start-up may wait long for the Docker daemon: a signal meanwhile ends it cleanly.
+    starting = asyncio.create_task(service.start())
+    signalled = asyncio.create_task(stopping.wait())
+    await asyncio.wait({starting, signalled}, return_when=asyncio.FIRST_COMPLETED)
+    if not starting.done():
+        starting.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await starting
+        log.info("stopped before execution was ready")
+        return
+    signalled.cancel()
+    starting.result()
     await stopping.wait()
     log.info("stopping")
     await service.stop()

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import os
 import shutil
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,12 @@ from worker.execution.executor import ActionExecutor
 from worker.execution.operations import OperationStore
 from worker.execution.service import ExecutionService
 from worker.execution.sidecar_run import SidecarRun
+from worker.execution.startup import (
+    ExecutionReadiness,
+    ReadinessListener,
+    prove_exec_root_shared,
+    wait_for_daemon,
+)
 from worker.handles import empty_dir, remove_tree
 from worker.pool.events import PoolEvents
 from worker.pool.pools import SidecarPools
@@ -87,6 +94,8 @@ class ExecutionSide:
         on_operation_finished: Callable[[re_pb2.ExecuteResponse], None] | None = None,
     ) -> None:
         execution = settings.execution
+        self._settings = settings
+        self._watcher: asyncio.Task[None] | None = None
         self.exec_root = prepare_exec_root(
             settings.exec_root, execution.runner_path or DEFAULT_RUNNER
         )
@@ -123,27 +132,46 @@ class ExecutionSide:
             queue_size=execution.queue_size,
         )
 
-    async def start(self, daemon_wait_s: float = 30.0) -> None:
-        await self._wait_for_daemon(daemon_wait_s)
+    async def start(
+        self, daemon_wait_s: float | None = None, listener: ReadinessListener | None = None
+    ) -> None:
+        """Waits for the daemon (health.startup_wait_s unless daemon_wait_s is given), proves
+        it shares the exec root (StartupFailed names the setting to fix if not), starts the
+        pools and the queue, then watches readiness and tells `listener` of every change."""
+        health = self._settings.health
+        docker_url = self._settings.execution.docker_url
+        while True:
+            await wait_for_daemon(
+                self.runtime,
+                docker_url,
+                health.startup_wait_s if daemon_wait_s is None else daemon_wait_s,
+                health.startup_backoff_max_s,
+            )
+            try:
+                await anyio.to_thread.run_sync(
+                    prove_exec_root_shared, self.runtime, self._settings.exec_root, docker_url
+                )
+                break
+            except ContainerRuntimeError as error:  # it went away again: wait once more
+                log.info(
+                    "the Docker daemon at %s could not prove the exec root: %s", docker_url, error
+                )
+                await anyio.sleep(health.startup_backoff_max_s)
+        log.info(
+            "the Docker daemon at %s shares the exec root %s", docker_url, self._settings.exec_root
+        )
         self.waiter.start()
         await self.pools.start()
         self.service.start()
-
-    async def _wait_for_daemon(self, wait_s: float) -> None:
-        """In a pod the daemon container may start after us: wait a little for it."""
-        deadline = time.monotonic() + wait_s
-        while True:
-            try:
-                await anyio.to_thread.run_sync(self.runtime.ping)
-                return
-            except ContainerRuntimeError as error:
-                if time.monotonic() >= deadline:
-                    raise OSError(
-                        f"execution needs a Docker daemon ({error}); start one, or set "
-                        "execution.enabled=false for a cache-only server"
-                    ) from None
-                log.info("waiting for the Docker daemon: %s", error)
-                await anyio.sleep(1)
+        if listener is not None:
+            readiness = ExecutionReadiness(
+                self.runtime,
+                self._settings.exec_root,
+                docker_url,
+                health.check_interval_s,
+                listener,
+            )
+            self._watcher = asyncio.create_task(readiness.watch())
 
     async def drain(self, grace_s: float) -> None:
         """Lets running actions finish for up to grace_s; everything else ends UNAVAILABLE."""
@@ -151,6 +179,10 @@ class ExecutionSide:
         await self.service.close()
 
     async def close(self) -> None:
+        if self._watcher is not None:
+            self._watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watcher
         await self.service.close()
         await self.executor.close()
         await self.pools.close()

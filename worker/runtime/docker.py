@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import socket
+import tarfile
 import threading
+import uuid
 from collections.abc import Iterator
 from typing import Any
 
@@ -16,6 +19,7 @@ import requests.exceptions
 from worker.runtime.protocol import (
     ContainerGone,
     ContainerNotRunning,
+    ContainerRuntimeError,
     ExecExitCallback,
     ExecSpec,
     ImageUnavailable,
@@ -25,6 +29,13 @@ from worker.runtime.protocol import (
 )
 
 log = logging.getLogger(__name__)
+
+# An empty image the daemon imports once, for the container that reads the exec root's probe
+# file; its containers are labelled so a leftover one is recognisable.
+PROBE_IMAGE = "sidecar-executor/exec-root-probe:1"
+PROBE_LABEL = "sidecar-executor.probe"
+# A random value per creation, so a container whose creation seemed to fail can be found.
+CREATION_LABEL = "sidecar-executor.creation"
 
 
 def _close_socket_on_failed_connect() -> None:
@@ -75,27 +86,99 @@ class DockerRuntime:
         pull_timeout_s: float = 300,
         timeout_s: float = 60,
     ) -> None:
+        # Nothing here talks to the daemon: in a pod the worker may start before its daemon,
+        # and the start-up code waits for it (worker/execution/startup.py). The clients are
+        # made on first use, when the API version can be negotiated.
         self._base_url = base_url
-        with _translated("connecting to Docker"):
-            # Every call but a pull and the event stream is bounded by timeout_s: a hung
-            # daemon becomes UNAVAILABLE instead of a hung action.
-            self._api = docker.APIClient(
-                base_url=base_url, version="auto", timeout=timeout_s, max_pool_size=64
-            )
-            self._pull_api = docker.APIClient(
-                base_url=base_url, version="auto", timeout=pull_timeout_s
-            )
-        for api in (self._api, self._pull_api):
-            # requests would read proxy settings from os.environ on every call: the
-            # daemon is local, and that scan showed up in profiles of the hot path.
-            api.trust_env = False
+        self._timeout_s = timeout_s
+        self._pull_timeout_s = pull_timeout_s
+        self._clients: tuple[Any, Any] | None = None
+        self._clients_lock = threading.Lock()
         self._events: Any = None
         self._events_lock = threading.Lock()
         self._closed = False
+        # Creations that failed and may have left a container behind, by creation label.
+        self._failed_creations: set[str] = set()
+
+    def _connect(self) -> tuple[Any, Any]:
+        with self._clients_lock:
+            if self._clients is None:
+                with _translated(f"connecting to Docker at {self._base_url}"):
+                    # Every call but a pull and the event stream is bounded by timeout_s: a
+                    # hung daemon becomes UNAVAILABLE instead of a hung action.
+                    api = docker.APIClient(
+                        base_url=self._base_url,
+                        version="auto",
+                        timeout=self._timeout_s,
+                        max_pool_size=64,
+                    )
+                    pull_api = docker.APIClient(
+                        base_url=self._base_url,
+                        version=api.api_version,
+                        timeout=self._pull_timeout_s,
+                    )
+                for client in (api, pull_api):
+                    # requests would read proxy settings from os.environ on every call: the
+                    # daemon is local, and that scan showed up in profiles of the hot path.
+                    client.trust_env = False
+                self._clients = (api, pull_api)
+            return self._clients
+
+    @property
+    def _api(self) -> Any:
+        return (self._clients or self._connect())[0]
+
+    @property
+    def _pull_api(self) -> Any:
+        return (self._clients or self._connect())[1]
 
     def ping(self) -> None:
         with _translated("pinging Docker"):
             self._api.ping()
+        self.remove_failed_creations()
+
+    def read_shared_file(self, path: str) -> bytes:
+        """Reads `path` through the daemon: a container that bind-mounts its directory at the
+        same path is created (never started) and the file is copied out of it. ContainerGone
+        when the daemon's side of that path does not hold the file."""
+        directory, _, name = path.rpartition("/")
+        image = self._probe_image()
+        host_config = self._api.create_host_config(
+            binds={directory: {"bind": directory, "mode": "ro"}}, network_mode="none"
+        )
+        try:
+            with _translated("creating the exec-root probe container"):
+                created = self._api.create_container(
+                    image,
+                    command=["/none"],
+                    host_config=host_config,
+                    network_disabled=True,
+                    labels={PROBE_LABEL: "1"},
+                )
+        except ContainerGone as error:  # the probe image went missing: not the file's absence
+            raise RuntimeRejected(str(error)) from error
+        container_id = str(created["Id"])
+        try:
+            with _translated(f"reading {path} through Docker"):
+                stream, _ = self._api.get_archive(container_id, path)
+                archive = b"".join(stream)
+            with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+                member = tar.extractfile(name)
+                if member is None:
+                    raise ContainerGone(f"{path} is not a regular file on the daemon's side")
+                return member.read()
+        finally:
+            self.remove_container(container_id)
+
+    def _probe_image(self) -> str:
+        """An image with nothing in it, imported on the daemon (no registry needed)."""
+        if self.local_image_id(PROBE_IMAGE) is None:
+            repository, tag = PROBE_IMAGE.rsplit(":", 1)
+            empty = io.BytesIO()
+            tarfile.open(fileobj=empty, mode="w").close()
+            with _translated("importing the exec-root probe image"):
+                self._api.import_image_from_data(empty.getvalue(), repository=repository, tag=tag)
+        return PROBE_IMAGE
 
     # ----------------------------------------------------------------- images
 
@@ -149,25 +232,53 @@ class DockerRuntime:
             read_only=spec.read_only_root,
             tmpfs=spec.tmpfs or None,
         )
-        with _translated(f"creating a sidecar of {spec.image_id}"):
-            created = self._api.create_container(
-                spec.image_id,
-                command=spec.command,
-                entrypoint=spec.entrypoint,
-                labels=spec.labels,
-                host_config=host_config,
-                name=spec.name,
-                network_disabled=spec.network == "none",
-                user="0:0",
-            )
+        self.remove_failed_creations()
+        token = uuid.uuid4().hex
+        try:
+            with _translated(f"creating a sidecar of {spec.image_id}"):
+                created = self._api.create_container(
+                    spec.image_id,
+                    command=spec.command,
+                    entrypoint=spec.entrypoint,
+                    labels={**spec.labels, CREATION_LABEL: token},
+                    host_config=host_config,
+                    name=spec.name,
+                    network_disabled=spec.network == "none",
+                    user="0:0",
+                )
+        except RuntimeUnavailable:
+            # The daemon may have made the container and lost the answer (it was stopping).
+            self._failed_creations.add(token)
+            raise
         container_id = str(created["Id"])
         try:
             with _translated(f"starting sidecar {container_id[:12]}"):
                 self._api.start(container_id)
         except Exception:
-            self.remove_container(container_id)
+            try:
+                self.remove_container(container_id)
+            except ContainerRuntimeError:
+                self._failed_creations.add(token)
             raise
         return container_id
+
+    def remove_failed_creations(self) -> None:
+        """Removes the containers of creations that failed while the daemon was going away
+        (nobody else knows their IDs). Cheap when there are none; kept for later when the
+        daemon still cannot be asked."""
+        for token in list(self._failed_creations):
+            try:
+                with _translated("listing containers of failed creations"):
+                    found = self._api.containers(
+                        all=True, filters={"label": f"{CREATION_LABEL}={token}"}
+                    )
+                for container in found:
+                    self.remove_container(str(container["Id"]))
+            except ContainerRuntimeError:
+                return
+            self._failed_creations.discard(token)
+            if found:
+                log.info("removed a sidecar whose creation had failed: %s", found[0]["Id"][:12])
 
     def remove_container(self, container_id: str) -> None:
         try:
@@ -245,8 +356,9 @@ class DockerRuntime:
             if self._events is not None:
                 with contextlib.suppress(Exception):
                     self._events.close()
-        self._api.close()
-        self._pull_api.close()
+        with self._clients_lock:
+            for client in self._clients or ():
+                client.close()
 
 
 def _split_reference(reference: str) -> tuple[str, str | None]:

@@ -183,6 +183,14 @@ class FakeContainerRuntime:
     def ping(self) -> None:
         self._enter("ping")
 
+    def read_shared_file(self, path: str) -> bytes:
+        """The fake's sidecars run on this host, so they see its files as they are."""
+        self._enter("read_shared_file")
+        try:
+            return Path(path).read_bytes()
+        except FileNotFoundError as error:
+            raise ContainerGone(f"Could not find the file {path}") from error
+
     def local_image_id(self, reference: str) -> str | None:
         self._enter("local_image_id")
         with self._lock:
