@@ -319,7 +319,8 @@ def worker_config(
     name: str, images: list[str], capacity: int = 2, grace_s: float = 20, **execution: Any
 ) -> dict[str, Any]:
     return {
-        "server": {"worker_name": name, "shutdown_grace_s": grace_s},
+        # Health only, on a port of its own (the pod's probes; tests do not ask it).
+        "server": {"worker_name": name, "shutdown_grace_s": grace_s, "listen": "127.0.0.1:0"},
         "execution": {
             "max_concurrent_actions": capacity,
             "default_timeout_s": 120,

@@ -3,10 +3,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import socket
 
 from worker.app import open_storage
+from worker.bots.health import HealthPort
 from worker.bots.leases import LeaseRunner
 from worker.bots.offer import build_offer
 from worker.bots.remote_cas import RemoteCas
@@ -49,6 +51,7 @@ class Bot:
         except BaseException:
             self.identity.release()
             raise
+        self.health = HealthPort(settings.server.listen)
         self.channel = open_channel(scheduler, settings.bot.root_certificates)
         self.remote = RemoteCas(self.channel, settings.bot.instance, self.storage.blobs)
         self.loop = BotLoop(
@@ -69,9 +72,12 @@ class Bot:
         )
 
     async def start(self) -> None:
-        """Starts the execution side: the Docker daemon is waited for and sidecars left over
-        by an earlier run of this data directory are removed before any session exists."""
+        """Starts the health port (not ready), then the execution side: the Docker daemon is
+        waited for and sidecars left over by an earlier run of this data directory are
+        removed before any session exists; then health says ready."""
+        await self.health.start()
         await self.execution.start()
+        await self.health.ready(True)
         log.info(
             "bot %s for %s (instance %r) offers: %s",
             self.bot_id,
@@ -85,8 +91,10 @@ class Bot:
 
     def stop(self) -> None:
         self.loop.stop()
+        asyncio.ensure_future(self.health.ready(False))
 
     async def close(self) -> None:
+        await self.health.stop()
         await self.execution.close()
         await self.channel.close(None)
         self.storage.uploads.close()
