@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import json
 import os
 import platform
 import shutil
@@ -15,7 +16,7 @@ from typing import Any
 
 import grpc
 
-from bench import measure, raw_docker, report
+from bench import cas, measure, raw_docker, report, scaleout
 from bench.bazel_build import build_seconds
 from bench.service import ServiceProcess
 from tests.e2e.bazel import BAZEL
@@ -286,6 +287,19 @@ def main() -> int:
     print(report.phase_table(results))
     print(f"\n{results['machine']['summary']}; run took {results['duration_s']} s")
     print(f"written: {json_path} {png_path}")
+    # The CAS against BuildGrid and a bare gRPC server, then the scale-out shape (each a
+    # module that also runs alone: `python -m bench.cas`, `python -m bench.scaleout`).
+    for name, module in (("CAS", cas), ("scale-out", scaleout)):
+        log(f"{name}: {module.__doc__.splitlines()[0] if module.__doc__ else ''}")
+        part = Path(tempfile.mkdtemp(prefix=f"sidecar-bench-{module.__name__[6:]}-"))
+        try:
+            figures = module.run(part)
+        finally:
+            shutil.rmtree(part, ignore_errors=True)
+        if module is cas:
+            (RESULTS / "cas.json").write_text(json.dumps(figures, indent=2, sort_keys=True) + "\n")
+        print()
+        print(module.markdown(figures))
     return 0
 
 
