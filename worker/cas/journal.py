@@ -123,11 +123,12 @@ class Journal:
                     os.unlink(segment.path)
 
     def _rotate_locked(self) -> Segment:
-        if self._current is not None:
-            self._seal_locked(self._current)
-            if self._current.outstanding == 0:
+        full = self._current
+        if full is not None:
+            self._seal_locked(full)  # which forgets it as the current segment
+            if full.outstanding == 0:
                 with contextlib.suppress(FileNotFoundError):
-                    os.unlink(self._current.path)
+                    os.unlink(full.path)
         path = f"{self._directory}/{self._next}"
         self._next += 1
         flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND | os.O_CLOEXEC
