@@ -193,6 +193,7 @@ class Service:
                 execution.pools if execution else None, execution.service if execution else None
             ),
             interceptors=[RequestCounter(self.metrics.grpc_requests)],
+            health=self._health,
         )
         self.reloader: ConfigReloader | None = None
         if self._reload_settings is not None:

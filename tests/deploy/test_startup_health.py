@@ -84,6 +84,13 @@ class BackgroundService:
         stub = health_pb2_grpc.HealthStub(self.channel)
         return int(stub.Check(health_pb2.HealthCheckRequest(service=name), timeout=10).status)
 
+    def admin_health(self, name: str) -> int:
+        """The same health, asked on the admin socket (what an operator's tools see)."""
+        with grpc.insecure_channel(self.service.settings.admin_address) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            request = health_pb2.HealthCheckRequest(service=name)
+            return int(stub.Check(request, timeout=10).status)
+
     def wait_for(self, name: str, status: int, within_s: float = 60) -> None:
         """Generous bound: only a status that never comes fails the test."""
         deadline = time.monotonic() + within_s
@@ -169,10 +176,12 @@ def test_health_is_not_serving_while_the_daemon_is_away_and_serving_after(
     service.wait_for("", NOT_SERVING)
     assert service.health(EXECUTION) == NOT_SERVING
     assert service.health(LIVENESS) == SERVING
+    assert service.admin_health("") == NOT_SERVING
 
     proxy.up()
     service.wait_for("", SERVING)
     assert service.health(EXECUTION) == SERVING
+    assert service.admin_health("") == SERVING
     assert echo(service, "after") == b"after\n"
 
 

@@ -9,6 +9,8 @@ import stat
 from pathlib import Path
 
 import grpc
+from grpc_health.v1 import health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
 
 from worker.admin.servicer import AdminServicer
 from worker.reapi import admin_pb2_grpc
@@ -29,11 +31,19 @@ def _unix_path(address: str) -> Path | None:
 
 class AdminServer:
     def __init__(
-        self, address: str, servicer: AdminServicer, interceptors: list[object] | None = None
+        self,
+        address: str,
+        servicer: AdminServicer,
+        interceptors: list[object] | None = None,
+        health: HealthServicer | None = None,
     ) -> None:
+        """`health` is the REAPI port's own health servicer, served here too, so an operator
+        sees the same SERVING / NOT_SERVING (daemon away, exec root unusable) on this socket."""
         self.address = address
         self._server = grpc.aio.server(interceptors=interceptors)  # type: ignore[arg-type]
         admin_pb2_grpc.add_AdminServicer_to_server(servicer, self._server)
+        if health is not None:
+            health_pb2_grpc.add_HealthServicer_to_server(health, self._server)
         self._socket = _unix_path(address)
 
     async def start(self) -> None:
