@@ -6,10 +6,13 @@ endpoints the worker uses from a unix socket of its own and never answers the on
 
 from __future__ import annotations
 
+import io
 import json
 import socketserver
+import tarfile
 import threading
 import time
+import urllib.parse
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
@@ -31,6 +34,10 @@ class HangingDaemon(socketserver.ThreadingUnixStreamServer):
 
     def __init__(self, path: str, hang_on: str) -> None:
         self.hang_on = hang_on
+        # Start-up (daemon ping, the exec-root proof) runs against a healthy daemon; the test
+        # arms the hang once the service is up, so only the action's calls meet it.
+        self.armed = False
+        self.binds: list[str] = []
         self.release = threading.Event()
         self.hung: list[str] = []
         super().__init__(path, _Handler)
@@ -54,12 +61,35 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(data)
 
+    def _archive(self, wanted: str) -> None:
+        """GET .../archive?path=P of the exec-root proof's container: P through its bind
+        mount, which is the same path on this host, as a tar of one file."""
+        if not any(wanted.startswith(bind.split(":")[0] + "/") for bind in self.server.binds):
+            self._answer(404, {"message": f"no such file {wanted}"})
+            return
+        data = Path(wanted).read_bytes()
+        archive = io.BytesIO()
+        with tarfile.open(fileobj=archive, mode="w") as tar:
+            member = tarfile.TarInfo(Path(wanted).name)
+            member.size = len(data)
+            tar.addfile(member, io.BytesIO(data))
+        body = archive.getvalue()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/x-tar")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
     def _route(self) -> None:
         length = int(self.headers.get("Content-Length") or 0)
-        if length:
-            self.rfile.read(length)
-        path = self.path.split("?")[0]
-        if self.server.hang_on in path and self.server.hang_on:
+        body = self.rfile.read(length) if length else b""
+        path, _, query = self.path.partition("?")
+        if path.endswith("/containers/create") and body:
+            self.server.binds = json.loads(body).get("HostConfig", {}).get("Binds") or []
+        if path.endswith("/archive"):
+            self._archive(urllib.parse.parse_qs(query)["path"][0])
+            return
+        if self.server.armed and self.server.hang_on and self.server.hang_on in path:
             self.server.hung.append(path)
             self.server.release.wait(60)
             return
@@ -128,9 +158,13 @@ def test_a_hung_daemon_call_is_bounded_and_reported(
             "daemon_wait_s": 0,
             "pull_timeout_s": 2,
             "allowed_images": ["*"],
+            # `docker exec` is the daemon call under test in the last case; an agent's sidecar
+            # needs a real container, which this stand-in daemon cannot give.
+            "pool": {"dispatch": "exec"},
         },
     )
     with running_service(settings) as service:
+        daemon.armed = True
         began = time.monotonic()
         response = run(
             service.channel,
