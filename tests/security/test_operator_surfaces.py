@@ -1,0 +1,55 @@
+"""Attacks on what the operator side added: the metrics a client can feed, the admin interface a
+client or an action might reach. Real service over loopback; no Docker needed."""
+
+from __future__ import annotations
+
+import secrets
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from tests.serving import running_service
+from worker.config import load_settings
+
+TOKEN = "attack-token-0123456789abcdef"
+
+
+def _method_labels(registry: Any) -> set[str]:
+    return {
+        sample.labels["method"]
+        for metric in registry.collect()
+        if metric.name == "sidecar_executor_grpc_requests"
+        for sample in metric.samples
+    }
+
+
+def test_made_up_method_names_add_no_metric_labels(tmp_path: Path) -> None:
+    """With bearer tokens on, a call to a method that does not exist is refused
+    UNAUTHENTICATED before the server looks it up, and counted: the method name the client
+    made up must not become a label, or every new name costs memory for good."""
+    tokens = tmp_path / "tokens"
+    tokens.write_text(f"{TOKEN}\n")
+    settings = load_settings(
+        data_dir=tmp_path / "data",
+        server={"listen": "127.0.0.1:0", "auth": {"token_file": str(tokens)}},
+        execution={"enabled": False},
+    )
+    made_up = [f"/attack.S{secrets.token_hex(8)}/M{'x' * 2000}" for _ in range(50)]
+    with running_service(settings) as running:
+        for method in made_up:
+            with pytest.raises(grpc.RpcError) as refused:
+                running.channel.unary_unary(method, None, None)(b"", timeout=30)
+            assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        authorised = (("authorization", f"Bearer {TOKEN}"),)
+        with pytest.raises(grpc.RpcError) as unknown:
+            running.channel.unary_unary(made_up[0], None, None)(
+                b"", metadata=authorised, timeout=30
+            )
+        assert unknown.value.code() == grpc.StatusCode.UNIMPLEMENTED
+        labels = _method_labels(running.service.metrics.registry)
+    assert not labels & set(made_up)
+    # Refused calls still show, under one label for every method the server does not have.
+    assert labels and all(label.startswith("/") or label == "unknown" for label in labels)
+    assert "unknown" in labels
