@@ -53,3 +53,12 @@ def test_made_up_method_names_add_no_metric_labels(tmp_path: Path) -> None:
     # Refused calls still show, under one label for every method the server does not have.
     assert labels and all(label.startswith("/") or label == "unknown" for label in labels)
     assert "unknown" in labels
+
+
+@pytest.mark.parametrize("address", ["0.0.0.0:9999", "[::]:9999", "admin.example:9999"])
+def test_the_admin_interface_is_never_served_beyond_this_host(tmp_path: Path, address: str) -> None:
+    """The admin interface authenticates nobody, so an address other hosts can reach is a
+    configuration error (the REAPI port at least asks for tokens or client certificates)."""
+    with pytest.raises(ValueError, match="admin.listen"):
+        load_settings(data_dir=tmp_path, admin={"listen": address})
+    assert load_settings(data_dir=tmp_path, admin={"listen": "127.0.0.1:9999"}).admin_address
