@@ -10,10 +10,15 @@ from typing import Any
 import grpc
 import pytest
 
+from tests.execution_client import run, shell_action
+from tests.security.conftest import attack_settings
 from tests.serving import running_service
 from worker.config import load_settings
+from worker.metrics import service_metrics
+from worker.pool import images
 
 TOKEN = "attack-token-0123456789abcdef"
+OVERFLOW = "(other)"  # worker.metrics.service_metrics.OVERFLOW
 
 
 def _method_labels(registry: Any) -> set[str]:
@@ -62,3 +67,31 @@ def test_the_admin_interface_is_never_served_beyond_this_host(tmp_path: Path, ad
     with pytest.raises(ValueError, match="admin.listen"):
         load_settings(data_dir=tmp_path, admin={"listen": address})
     assert load_settings(data_dir=tmp_path, admin={"listen": "127.0.0.1:9999"}).admin_address
+
+
+def test_endless_made_up_images_cost_bounded_memory(
+    tmp_path: Path, test_images: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every action naming an image nobody has makes the worker try a pull that fails. The
+    image names a client makes up must not each add metric labels and remembered pull times
+    for good (the bounds are lowered here so that a few dozen actions cross them)."""
+    monkeypatch.setattr(service_metrics, "MAX_LABEL_SETS", 10, raising=False)
+    monkeypatch.setattr(images, "MAX_REMEMBERED", 10, raising=False)
+    settings = attack_settings(tmp_path)
+    made_up = [f"sidecar-test/made-up-{secrets.token_hex(6)}" for _ in range(30)]
+    with running_service(settings) as running:
+        for image in made_up:
+            response = run(running.channel, shell_action("true", image))
+            assert response.status.code == grpc.StatusCode.FAILED_PRECONDITION.value[0]
+            assert image in response.status.message
+        pulled = {
+            sample.labels["image"]
+            for metric in running.service.metrics.registry.collect()
+            if metric.name == "sidecar_executor_image_pulls"
+            for sample in metric.samples
+        }
+        execution = running.service.execution
+        assert execution is not None
+        remembered = execution.pools.images._pulled_at
+    assert len(pulled - {OVERFLOW}) <= 10 and OVERFLOW in pulled
+    assert len(remembered) <= 10
