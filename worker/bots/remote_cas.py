@@ -181,6 +181,10 @@ class RemoteCas:
     async def _download(
         self, digests: list[Digest], outcome: dict[Digest, ServiceError | None]
     ) -> None:
+        for digest in digests:
+            # Before a byte comes: a declared size is the client's word, and downloading it
+            # first would fill the disk past storage.max_bytes.
+            self._store.check_fits(digest)
         small = [d for d in digests if self._fits_batch(d)]
         large = [d for d in digests if not self._fits_batch(d)]
         limiter = asyncio.Semaphore(PARALLEL_REQUESTS)
