@@ -3,7 +3,10 @@ client or an action might reach. Real service over loopback; no Docker needed.""
 
 from __future__ import annotations
 
+import asyncio
+import os
 import secrets
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +16,11 @@ import pytest
 from tests.execution_client import run, shell_action
 from tests.security.conftest import attack_settings
 from tests.serving import running_service
+from worker.admin.server import AdminServer
+from worker.admin.servicer import AdminServicer
+from worker.cas.disk_store import DiskBlobStore
 from worker.config import load_settings
+from worker.digests import Digest
 from worker.metrics import service_metrics
 from worker.pool import images
 
@@ -95,3 +102,36 @@ def test_endless_made_up_images_cost_bounded_memory(
         remembered = execution.pools.images._pulled_at
     assert len(pulled - {OVERFLOW}) <= 10 and OVERFLOW in pulled
     assert len(remembered) <= 10
+
+
+def test_binding_the_admin_socket_changes_no_other_files_mode(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The REAPI port serves before the admin socket is bound, so CAS threads may be writing
+    blobs at that very moment. Whatever makes the socket root-only must not reach them: a
+    blob written then must still be readable by an action's user (0444), not 0400."""
+    store = DiskBlobStore(tmp_path / "cas", 1 << 30)
+    blob = b"written by a CAS thread while the admin socket is bound" * 2000  # not journalled
+    bind = AdminServer._bind
+
+    def bind_while_a_blob_is_written(self: AdminServer, address: str) -> int:
+        port = bind(self, address)
+        writer = threading.Thread(target=store.put, args=(Digest.of(blob), blob))
+        writer.start()
+        writer.join()
+        return port
+
+    monkeypatch.setattr(AdminServer, "_bind", bind_while_a_blob_is_written)
+    socket = tmp_path / "admin.sock"
+
+    async def start_and_stop() -> None:
+        admin = AdminServer(f"unix:{socket}", AdminServicer(None, None))
+        await admin.start()
+        try:
+            assert socket.is_socket() and socket.stat().st_mode & 0o777 == 0o600
+            assert sorted(os.listdir(tmp_path)) == ["admin.sock", "cas"]
+        finally:
+            await admin.stop()
+
+    asyncio.run(start_and_stop())
+    assert os.stat(store.hash_path(Digest.of(blob).hash)).st_mode & 0o777 == 0o444
