@@ -6,7 +6,10 @@ from __future__ import annotations
 import asyncio
 import os
 import secrets
+import socket
 import threading
+import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -22,10 +25,11 @@ from worker.cas.disk_store import DiskBlobStore
 from worker.config import load_settings
 from worker.digests import Digest
 from worker.metrics import service_metrics
+from worker.metrics.http import MAX_CONNECTIONS
+from worker.metrics.service_metrics import OVERFLOW
 from worker.pool import images
 
 TOKEN = "attack-token-0123456789abcdef"
-OVERFLOW = "(other)"  # worker.metrics.service_metrics.OVERFLOW
 
 
 def _method_labels(registry: Any) -> set[str]:
@@ -82,8 +86,8 @@ def test_endless_made_up_images_cost_bounded_memory(
     """Every action naming an image nobody has makes the worker try a pull that fails. The
     image names a client makes up must not each add metric labels and remembered pull times
     for good (the bounds are lowered here so that a few dozen actions cross them)."""
-    monkeypatch.setattr(service_metrics, "MAX_LABEL_SETS", 10, raising=False)
-    monkeypatch.setattr(images, "MAX_REMEMBERED", 10, raising=False)
+    monkeypatch.setattr(service_metrics, "MAX_LABEL_SETS", 10)
+    monkeypatch.setattr(images, "MAX_REMEMBERED", 10)
     settings = attack_settings(tmp_path)
     made_up = [f"sidecar-test/made-up-{secrets.token_hex(6)}" for _ in range(30)]
     with running_service(settings) as running:
@@ -135,3 +139,27 @@ def test_binding_the_admin_socket_changes_no_other_files_mode(
 
     asyncio.run(start_and_stop())
     assert os.stat(store.hash_path(Digest.of(blob).hash)).st_mode & 0o777 == 0o444
+
+
+def test_idle_connections_to_the_metrics_port_hold_bounded_threads(tmp_path: Path) -> None:
+    """Whoever reaches metrics.listen may open connections and send nothing: each must not
+    keep a thread of the worker for good (threads are memory, and the process's limit)."""
+    settings = load_settings(
+        data_dir=tmp_path / "data",
+        server={"listen": "127.0.0.1:0"},
+        metrics={"listen": "127.0.0.1:0"},
+        execution={"enabled": False},
+    )
+    with running_service(settings) as running:
+        endpoint = running.service.metrics_endpoint
+        assert endpoint is not None
+        before = threading.active_count()
+        idle = [socket.create_connection(("127.0.0.1", endpoint.port)) for _ in range(100)]
+        try:
+            time.sleep(1)
+            assert threading.active_count() - before <= MAX_CONNECTIONS
+        finally:
+            for connection in idle:
+                connection.close()
+        scraped = urllib.request.urlopen(f"http://127.0.0.1:{endpoint.port}/metrics", timeout=30)
+        assert b"sidecar_executor_cas_bytes" in scraped.read()
