@@ -15,6 +15,7 @@ import grpc
 import pytest
 
 from tests.scaleout.services import free_port
+from tests.security.test_deep_trees import oversized_directory
 from worker.bots.remote_cas import RemoteCas
 from worker.cas.disk_store import DiskBlobStore
 from worker.digests import Digest
@@ -167,3 +168,18 @@ def test_input_trees_too_deep_or_too_wide_are_refused_before_their_files_are_fet
 
     against(tmp_path, cas, attack)
     assert cas.reads[Digest.of(leaf)] == 0
+
+
+def test_a_directory_blob_too_big_to_parse_safely_is_refused_before_it_is_fetched(
+    tmp_path: Path,
+) -> None:
+    data, digest = oversized_directory()
+    cas = hostile_cas({digest: data})
+    action = _action(cas.blobs, digest)
+
+    async def attack(remote: RemoteCas, store: DiskBlobStore) -> None:
+        with pytest.raises(InvalidArgument, match="larger than"):
+            await remote.fetch_action(action, max_depth=10, max_entries=100)
+
+    against(tmp_path, cas, attack)
+    assert cas.reads[digest] == 0
