@@ -20,7 +20,7 @@ from tests.reapi_client import bytestream_write, upload_message
 from tests.security.conftest import Canary, attack_settings, hostile
 from tests.serving import running_service
 from worker.digests import Digest
-from worker.execution.inputs import MAX_DIRECTORY_BYTES
+from worker.execution.inputs import MAX_PARSED_BLOB_BYTES
 from worker.reapi import re_pb2
 
 pytestmark = pytest.mark.docker
@@ -104,10 +104,10 @@ def test_input_trees_deeper_than_the_limit_are_invalid(tmp_path: Path, test_imag
 
 
 def oversized_directory() -> tuple[bytes, Digest]:
-    """A Directory blob over MAX_DIRECTORY_BYTES (one file, padded with a node property)."""
+    """A Directory blob over MAX_PARSED_BLOB_BYTES (one file, padded with a node property)."""
     directory = re_pb2.Directory()
     node = directory.files.add(name="f", digest=Digest.of(b"x").to_proto())
-    node.node_properties.properties.add(name="pad", value="p" * (MAX_DIRECTORY_BYTES + 1))
+    node.node_properties.properties.add(name="pad", value="p" * (MAX_PARSED_BLOB_BYTES + 1))
     data = directory.SerializeToString()
     return data, Digest.of(data)
 
@@ -130,4 +130,19 @@ def test_a_directory_blob_too_big_to_parse_safely_is_invalid_before_it_is_read(
         response = execute(service.channel, upload_message(service.channel, action)).response
         assert response.status.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
         assert "larger than" in response.status.message
-        assert store.counters.bytes_read - read_before < MAX_DIRECTORY_BYTES
+        assert store.counters.bytes_read - read_before < MAX_PARSED_BLOB_BYTES
+
+
+def test_an_action_blob_too_big_to_parse_safely_is_invalid_before_it_is_read(
+    tmp_path: Path, test_images: None
+) -> None:
+    action = re_pb2.Action(salt=b"s" * (MAX_PARSED_BLOB_BYTES + 1))
+    data = action.SerializeToString()
+    with running_service(attack_settings(tmp_path)) as service:
+        bytestream_write(service.channel, data, chunk=1 << 20)
+        store = service.service.storage.blobs
+        read_before = store.counters.bytes_read
+        response = execute(service.channel, Digest.of(data)).response
+        assert response.status.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+        assert "larger than" in response.status.message
+        assert store.counters.bytes_read - read_before < MAX_PARSED_BLOB_BYTES

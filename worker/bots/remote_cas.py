@@ -31,7 +31,7 @@ from worker.errors import (
     ServiceError,
     Unavailable,
 )
-from worker.execution.inputs import check_directory_size
+from worker.execution.inputs import check_parsed_size
 from worker.reapi import bs_grpc, bs_pb2, re_grpc, re_pb2
 
 log = logging.getLogger(__name__)
@@ -282,8 +282,10 @@ class RemoteCas:
         file) into the local CAS. InvalidArgument for a tree deeper or bigger than the
         executor accepts, so a hostile tree cannot make the worker download without end."""
         root = Digest.from_proto(action.input_root_digest)
-        check_directory_size(root)
-        await self.fetch([Digest.from_proto(action.command_digest), root])
+        command = Digest.from_proto(action.command_digest)
+        check_parsed_size(command, "Command")
+        check_parsed_size(root)
+        await self.fetch([command, root])
         files: set[Digest] = set()
         seen = {root}
         level = [root]
@@ -307,7 +309,7 @@ class RemoteCas:
             if entries > max_entries:
                 raise InvalidArgument(f"the input tree has more than {max_entries} entries")
             for digest in following:
-                check_directory_size(digest)
+                check_parsed_size(digest)
             await self.fetch(following)
             level = following
         await self.fetch(files)

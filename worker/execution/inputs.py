@@ -16,16 +16,17 @@ from worker.errors import FailedPrecondition, InvalidArgument, NotFound
 from worker.reapi import re_pb2
 from worker.runner_contract import ActionDir
 
-# The largest Directory blob read at all. Bazel's are kilobytes; a client's gigabyte one would
-# cost the worker several times its size in memory to parse.
-MAX_DIRECTORY_BYTES = 64 << 20
+# The largest Directory (or Action, Command) blob parsed at all. Bazel's are kilobytes; a
+# client's gigabyte one would cost the worker several times its size in memory to parse.
+MAX_PARSED_BLOB_BYTES = 64 << 20
 
 
-def check_directory_size(digest: Digest) -> None:
-    if digest.size > MAX_DIRECTORY_BYTES:
+def check_parsed_size(digest: Digest, kind: str = "Directory") -> None:
+    """INVALID_ARGUMENT for a message blob too large to parse, by its declared size."""
+    if digest.size > MAX_PARSED_BLOB_BYTES:
         raise InvalidArgument(
-            f"Directory {digest} is larger than {MAX_DIRECTORY_BYTES} bytes; input trees must "
-            "be split into smaller directories"
+            f"{kind} {digest} is larger than {MAX_PARSED_BLOB_BYTES} bytes, more than this "
+            "worker parses"
         )
 
 
@@ -63,7 +64,7 @@ class DirectoryCache:
             if found is not None:
                 self._entries.move_to_end(digest)
                 return found
-        check_directory_size(digest)
+        check_parsed_size(digest)
         data = self._store.read(digest)
         try:
             directory = re_pb2.Directory.FromString(data)
