@@ -288,7 +288,7 @@ class MetricsSettings(Section):
 class AdminSettings(Section):
     listen: str | None = Field(
         None,
-        description="the admin gRPC interface: `unix:PATH` or HOST:PORT; default "
+        description="the admin gRPC interface: `unix:PATH` or a loopback HOST:PORT; default "
         "unix:DATA_DIR/admin.sock (never the REAPI port)",
     )
     reload_interval_s: float = Field(
