@@ -35,7 +35,7 @@ def _private_directory(socket: Path) -> str:
     with contextlib.suppress(FileNotFoundError):
         if stat.S_ISSOCK(os.lstat(socket).st_mode):
             os.unlink(socket)
-    return tempfile.mkdtemp(prefix=".a", dir=socket.parent)
+    return tempfile.mkdtemp(prefix=".", dir=socket.parent)
 
 
 class AdminServer:
