@@ -163,3 +163,22 @@ def test_idle_connections_to_the_metrics_port_hold_bounded_threads(tmp_path: Pat
                 connection.close()
         scraped = urllib.request.urlopen(f"http://127.0.0.1:{endpoint.port}/metrics", timeout=30)
         assert b"sidecar_executor_cas_bytes" in scraped.read()
+
+
+def test_the_admin_socket_never_replaces_a_file_at_its_path(tmp_path: Path) -> None:
+    """admin.listen naming a file that is not a socket (a typo, a path another program uses)
+    stops the start; the file is left as it was."""
+    target = tmp_path / "precious"
+    target.write_text("keep me\n")
+
+    async def start() -> None:
+        admin = AdminServer(f"unix:{target}", AdminServicer(None, None))
+        try:
+            with pytest.raises(FileExistsError):
+                await admin.start()
+        finally:
+            await admin.stop()
+
+    asyncio.run(start())
+    assert target.read_text() == "keep me\n"
+    assert sorted(os.listdir(tmp_path)) == ["precious"]  # no private directory left behind
