@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+from google.protobuf import descriptor_pool
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
@@ -97,9 +98,9 @@ class Service:
         self.storage = open_storage(settings)
         max_message = settings.server.max_message_bytes
         # Requests are counted before they are authenticated, so refused ones show too.
-        interceptors: list[grpc.aio.ServerInterceptor] = [  # type: ignore[type-arg]
-            RequestCounter(self.metrics.grpc_requests)
-        ]
+        # The methods are known once the servicers are added (_add_servicers).
+        self._counter = RequestCounter(self.metrics.grpc_requests, known_methods=frozenset())
+        interceptors: list[grpc.aio.ServerInterceptor] = [self._counter]  # type: ignore[type-arg]
         self._certificates = None
         if settings.server.tls.enabled:
             self._certificates = CertificateFiles(settings.server.tls)
@@ -171,6 +172,11 @@ class Service:
         names.append(health_pb2.DESCRIPTOR.services_by_name["Health"].full_name)
         reflection.enable_server_reflection([*names, reflection.SERVICE_NAME], server)
         self._service_names = names
+        self._counter.known_methods = frozenset(
+            f"/{name}/{method.name}"
+            for name in [*names, reflection.SERVICE_NAME]
+            for method in descriptor_pool.Default().FindServiceByName(name).methods
+        )
 
     def _count_outcome(self, response: re_pb2.ExecuteResponse) -> None:
         self.metrics.action_finished(*outcome_of(response))

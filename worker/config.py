@@ -288,7 +288,7 @@ class MetricsSettings(Section):
 class AdminSettings(Section):
     listen: str | None = Field(
         None,
-        description="the admin gRPC interface: `unix:PATH` or HOST:PORT; default "
+        description="the admin gRPC interface: `unix:PATH` or a loopback HOST:PORT; default "
         "unix:DATA_DIR/admin.sock (never the REAPI port)",
     )
     reload_interval_s: float = Field(
@@ -300,7 +300,15 @@ class AdminSettings(Section):
     def _unix_or_host_and_port(cls, value: str | None) -> str | None:
         if value is None or (value.startswith("unix:") and len(value) > len("unix:")):
             return value
-        return ServerSettings._host_and_port(value)
+        ServerSettings._host_and_port(value)
+        if not is_loopback(value):
+            # The admin interface authenticates nobody: whoever reaches it drains pools and
+            # reads every operation name (docs/SECURITY.md).
+            raise ValueError(
+                f"{value!r} is reachable from other hosts and the admin interface checks no "
+                "client: use unix:PATH or a loopback HOST:PORT"
+            )
+        return value
 
 
 class HealthSettings(Section):

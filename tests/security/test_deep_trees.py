@@ -8,9 +8,20 @@ from pathlib import Path
 import grpc
 import pytest
 
-from tests.execution_client import InputFile, run, stdout_of
+from tests.execution_client import (
+    InputFile,
+    execute,
+    read_blob,
+    run,
+    stdout_of,
+    upload_action,
+)
+from tests.reapi_client import bytestream_write, upload_message
 from tests.security.conftest import Canary, attack_settings, hostile
 from tests.serving import running_service
+from worker.digests import Digest
+from worker.execution.inputs import MAX_PARSED_BLOB_BYTES
+from worker.reapi import re_pb2
 
 pytestmark = pytest.mark.docker
 
@@ -90,3 +101,48 @@ def test_input_trees_deeper_than_the_limit_are_invalid(tmp_path: Path, test_imag
         deep = run(service.channel, hostile("true", files={"d/" * 9 + "f": InputFile(b"x")}))
         assert deep.status.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
         assert "max_input_depth" in deep.status.message
+
+
+def oversized_directory() -> tuple[bytes, Digest]:
+    """A Directory blob over MAX_PARSED_BLOB_BYTES (one file, padded with a node property)."""
+    directory = re_pb2.Directory()
+    node = directory.files.add(name="f", digest=Digest.of(b"x").to_proto())
+    node.node_properties.properties.add(name="pad", value="p" * (MAX_PARSED_BLOB_BYTES + 1))
+    data = directory.SerializeToString()
+    return data, Digest.of(data)
+
+
+def test_a_directory_blob_too_big_to_parse_safely_is_invalid_before_it_is_read(
+    tmp_path: Path, test_images: None
+) -> None:
+    """A client uploads a Directory of gigabytes (ByteStream takes any size): parsing it would
+    cost the worker several times that in memory. It is refused by its declared size."""
+    data, digest = oversized_directory()
+    with running_service(attack_settings(tmp_path)) as service:
+        bytestream_write(service.channel, data, chunk=1 << 20)
+        spec = hostile("true")
+        action = re_pb2.Action.FromString(
+            read_blob(service.channel, upload_action(service.channel, spec).to_proto())
+        )
+        action.input_root_digest.CopyFrom(digest.to_proto())
+        store = service.service.storage.blobs
+        read_before = store.counters.bytes_read
+        response = execute(service.channel, upload_message(service.channel, action)).response
+        assert response.status.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+        assert "larger than" in response.status.message
+        assert store.counters.bytes_read - read_before < MAX_PARSED_BLOB_BYTES
+
+
+def test_an_action_blob_too_big_to_parse_safely_is_invalid_before_it_is_read(
+    tmp_path: Path, test_images: None
+) -> None:
+    action = re_pb2.Action(salt=b"s" * (MAX_PARSED_BLOB_BYTES + 1))
+    data = action.SerializeToString()
+    with running_service(attack_settings(tmp_path)) as service:
+        bytestream_write(service.channel, data, chunk=1 << 20)
+        store = service.service.storage.blobs
+        read_before = store.counters.bytes_read
+        response = execute(service.channel, Digest.of(data)).response
+        assert response.status.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+        assert "larger than" in response.status.message
+        assert store.counters.bytes_read - read_before < MAX_PARSED_BLOB_BYTES

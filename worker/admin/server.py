@@ -3,9 +3,11 @@ REAPI port."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import stat
+import tempfile
 from pathlib import Path
 
 import grpc
@@ -29,6 +31,15 @@ def _unix_path(address: str) -> Path | None:
     return None
 
 
+def _private_directory(socket: Path) -> str:
+    """Removes a socket left at `socket` (the data directory is locked by this service: one
+    there is a leftover) and makes a fresh 0700 directory next to it."""
+    with contextlib.suppress(FileNotFoundError):
+        if stat.S_ISSOCK(os.lstat(socket).st_mode):
+            os.unlink(socket)
+    return tempfile.mkdtemp(prefix=".", dir=socket.parent)
+
+
 class AdminServer:
     def __init__(
         self,
@@ -47,31 +58,38 @@ class AdminServer:
         self._socket = _unix_path(address)
 
     async def start(self) -> None:
-        if self._socket is not None:
-            # The data directory is locked by this service: a socket there is a leftover.
-            if self._socket.is_socket() or (
-                self._socket.exists() and stat.S_ISSOCK(os.lstat(self._socket).st_mode)
-            ):
-                self._socket.unlink()
-            # Nobody but root may even connect while the socket is being set up.
-            if len(os.fsencode(self._socket)) > MAX_SOCKET_PATH:
-                raise OSError(
-                    f"admin socket path {self._socket} is longer than {MAX_SOCKET_PATH} bytes; "
-                    "set admin.listen to a shorter unix:PATH"
-                )
-            old_mask = os.umask(0o177)
-            try:
-                port = self._bind(f"unix:{self._socket}")
-            finally:
-                os.umask(old_mask)
-        else:
+        if self._socket is None:
             port = self._bind(self.address)
-        if port == 0:
-            raise OSError(f"cannot listen on admin address {self.address}")
-        await self._server.start()
-        if self._socket is not None:
-            os.chmod(self._socket, 0o600)
+            if port == 0:
+                raise OSError(f"cannot listen on admin address {self.address}")
+            await self._server.start()
+        else:
+            await self._start_on_socket(self._socket)
         log.info("admin interface on %s", self.address)
+
+    async def _start_on_socket(self, socket: Path) -> None:
+        """Binds in a fresh root-only (0700) directory, makes the socket 0600 and only then
+        links it into place: nobody but root may connect while it is set up. (Not by the
+        umask, which is the whole process's: CAS threads writing blobs meanwhile would make
+        them unreadable to actions.)"""
+        private = _private_directory(socket)
+        bound = os.path.join(private, "s")
+        try:
+            if len(os.fsencode(bound)) > MAX_SOCKET_PATH:
+                longest = MAX_SOCKET_PATH - (len(os.fsencode(bound)) - len(os.fsencode(socket)))
+                raise OSError(
+                    f"admin socket path {socket} is longer than {longest} bytes; set "
+                    "admin.listen to a shorter unix:PATH"
+                )
+            if self._bind(f"unix:{bound}") == 0:
+                raise OSError(f"cannot listen on admin address {self.address}")
+            await self._server.start()
+            os.chmod(bound, 0o600)
+            os.link(bound, socket)  # never replaces a file that is there
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(bound)
+            os.rmdir(private)
 
     def _bind(self, address: str) -> int:
         try:

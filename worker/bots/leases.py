@@ -29,7 +29,8 @@ from worker.errors import (
     Unavailable,
     to_status_proto,
 )
-from worker.execution.executor import ActionExecutor, now
+from worker.execution.executor import ActionExecutor, load_message, now
+from worker.execution.inputs import check_parsed_size
 from worker.reapi import re_pb2, status_pb2
 
 log = logging.getLogger(__name__)
@@ -118,6 +119,7 @@ class LeaseRunner:
             proto = re_pb2.Digest()
             payload.Unpack(proto)
             digest = Digest.from_proto(proto)
+            check_parsed_size(digest, "Action")
             await self._remote.fetch([digest])
             return digest
         raise InvalidArgument(
@@ -130,11 +132,7 @@ class LeaseRunner:
         metadata: re_pb2.ExecutedActionMetadata,
         cancelled: asyncio.Event,
     ) -> re_pb2.ExecuteResponse:
-        data = await anyio.to_thread.run_sync(self._store.read, digest)
-        try:
-            action = re_pb2.Action.FromString(data)
-        except Exception as error:
-            raise InvalidArgument(f"blob {digest} is not an Action") from error
+        action = await anyio.to_thread.run_sync(load_message, self._store, digest, re_pb2.Action)
         fetch_start = now()
         await self._remote.fetch_action(
             action, self._settings.max_input_depth, self._settings.max_input_entries

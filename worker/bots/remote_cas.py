@@ -31,6 +31,7 @@ from worker.errors import (
     ServiceError,
     Unavailable,
 )
+from worker.execution.inputs import check_parsed_size
 from worker.reapi import bs_grpc, bs_pb2, re_grpc, re_pb2
 
 log = logging.getLogger(__name__)
@@ -181,6 +182,10 @@ class RemoteCas:
     async def _download(
         self, digests: list[Digest], outcome: dict[Digest, ServiceError | None]
     ) -> None:
+        for digest in digests:
+            # Before a byte comes: a declared size is the client's word, and downloading it
+            # first would fill the disk past storage.max_bytes.
+            self._store.check_fits(digest)
         small = [d for d in digests if self._fits_batch(d)]
         large = [d for d in digests if not self._fits_batch(d)]
         limiter = asyncio.Semaphore(PARALLEL_REQUESTS)
@@ -277,7 +282,10 @@ class RemoteCas:
         file) into the local CAS. InvalidArgument for a tree deeper or bigger than the
         executor accepts, so a hostile tree cannot make the worker download without end."""
         root = Digest.from_proto(action.input_root_digest)
-        await self.fetch([Digest.from_proto(action.command_digest), root])
+        command = Digest.from_proto(action.command_digest)
+        check_parsed_size(command, "Command")
+        check_parsed_size(root)
+        await self.fetch([command, root])
         files: set[Digest] = set()
         seen = {root}
         level = [root]
@@ -300,6 +308,8 @@ class RemoteCas:
                         following.append(digest)
             if entries > max_entries:
                 raise InvalidArgument(f"the input tree has more than {max_entries} entries")
+            for digest in following:
+                check_parsed_size(digest)
             await self.fetch(following)
             level = following
         await self.fetch(files)

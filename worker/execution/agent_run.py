@@ -101,6 +101,9 @@ class AgentRun:
             raise ContainerNotRunning(
                 f"the sidecar's agent did not take the action ({error})"
             ) from None
+        except BaseException:  # cancelled: hanging up is the agent's cancel too
+            writer.close()
+            raise
         if answer.startswith(b"error "):
             # The request itself was refused: a bug of ours (check_command keeps out what the
             # agent would refuse), not a broken sidecar; the action is not run.

@@ -36,6 +36,7 @@ from worker.execution.inputs import (
     DirectoryCache,
     InputTree,
     check_action_paths,
+    check_parsed_size,
     load_input_tree,
     stage_action,
 )
@@ -101,6 +102,9 @@ DAEMON_RETRY_S = 1.0
 
 
 def load_message(store: DiskBlobStore, digest: Digest, kind: type[M]) -> M:
+    """An Action or Command from the CAS; one larger than any this worker parses (a client's
+    gigabyte blob would cost several times that in memory) is INVALID_ARGUMENT unread."""
+    check_parsed_size(digest, kind.__name__)
     try:
         data = store.read(digest)
     except NotFound:

@@ -16,6 +16,19 @@ from worker.errors import FailedPrecondition, InvalidArgument, NotFound
 from worker.reapi import re_pb2
 from worker.runner_contract import ActionDir
 
+# The largest Directory (or Action, Command) blob parsed at all. Bazel's are kilobytes; a
+# client's gigabyte one would cost the worker several times its size in memory to parse.
+MAX_PARSED_BLOB_BYTES = 64 << 20
+
+
+def check_parsed_size(digest: Digest, kind: str = "Directory") -> None:
+    """INVALID_ARGUMENT for a message blob too large to parse, by its declared size."""
+    if digest.size > MAX_PARSED_BLOB_BYTES:
+        raise InvalidArgument(
+            f"{kind} {digest} is larger than {MAX_PARSED_BLOB_BYTES} bytes, more than this "
+            "worker parses"
+        )
+
 
 class DirectoryCache:
     """Parsed Directory messages by digest; input trees repeat across actions.
@@ -51,6 +64,7 @@ class DirectoryCache:
             if found is not None:
                 self._entries.move_to_end(digest)
                 return found
+        check_parsed_size(digest)
         data = self._store.read(digest)
         try:
             directory = re_pb2.Directory.FromString(data)

@@ -1,16 +1,22 @@
-"""Counts every gRPC request by method and final status code (sidecar_executor_grpc_requests)."""
+"""Counts every gRPC request by method and final status code (sidecar_executor_grpc_requests).
+
+A method name is whatever the client sent. Calls refused before the server looks the method up
+(bearer tokens) are counted too, so a method the server does not have is counted as `unknown`:
+otherwise every name a client makes up would be a new label, kept for good."""
 
 from __future__ import annotations
 
 import asyncio
 import inspect
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection
 from typing import Any
 
 import grpc
 from prometheus_client import Counter
 
 Context = grpc.aio.ServicerContext[Any, Any]
+
+UNKNOWN_METHOD = "unknown"
 
 
 def _code_name(context: Context, default: grpc.StatusCode) -> str:
@@ -26,10 +32,13 @@ def _code_name(context: Context, default: grpc.StatusCode) -> str:
 
 class RequestCounter(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
     """Wraps each handler; the code is the one the handler set or aborted with, OK when it
-    ended normally, CANCELLED when the client went away, UNKNOWN for an escaped error."""
+    ended normally, CANCELLED when the client went away, UNKNOWN for an escaped error.
+    `known_methods` (full names, `/package.Service/Method`) are counted by name, any other as
+    `unknown`; None counts every method a handler was found for by name."""
 
-    def __init__(self, requests: Counter) -> None:
+    def __init__(self, requests: Counter, known_methods: Collection[str] | None = None) -> None:
         self._requests = requests
+        self.known_methods = known_methods
 
     def _count(self, method: str, context: Context, default: grpc.StatusCode) -> None:
         self._requests.labels(method, _code_name(context, default)).inc()
@@ -45,6 +54,8 @@ class RequestCounter(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         if handler is None:
             return handler
         method = handler_call_details.method
+        if self.known_methods is not None and method not in self.known_methods:
+            method = UNKNOWN_METHOD
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(
                 self._unary(method, handler.unary_unary),

@@ -22,8 +22,32 @@ RUN_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600
 PULL_BUCKETS = (0.1, 0.5, 1, 5, 10, 30, 60, 120, 300, 600)
 
 
+# Images and users are named by clients: at most this many distinct pools (and as many
+# images pulled) get labels of their own in the event counters; any further one is counted
+# under OVERFLOW, so a client naming endless images or users cannot grow memory without end.
+MAX_LABEL_SETS = 1000
+OVERFLOW = "(other)"
+
+
 def pool_labels(pool: PoolLabels) -> tuple[str, str, str, str]:
     return (pool.reference, pool.image_id, pool.user, pool.network)
+
+
+class LabelBudget:
+    """Passes the first `limit` distinct label tuples through as they are; any other comes
+    out as OVERFLOW in every position."""
+
+    def __init__(self, limit: int | None = None) -> None:
+        self._limit = MAX_LABEL_SETS if limit is None else limit
+        self._seen: set[tuple[str, ...]] = set()
+
+    def __call__(self, labels: tuple[str, ...]) -> tuple[str, ...]:
+        if labels in self._seen:
+            return labels
+        if len(self._seen) < self._limit:
+            self._seen.add(labels)
+            return labels
+        return (OVERFLOW,) * len(labels)
 
 
 class PoolSource(Protocol):
@@ -120,6 +144,8 @@ class ServiceMetrics:
         )
         self._live = _LiveCollector()
         r.register(self._live)
+        self._pool_budget = LabelBudget()
+        self._image_budget = LabelBudget()
 
     def watch(
         self,
@@ -131,23 +157,27 @@ class ServiceMetrics:
 
     # ------------------------------------------------- pool.events.PoolEvents
 
+    def _pool(self, pool: PoolLabels) -> tuple[str, ...]:
+        return self._pool_budget(pool_labels(pool))
+
     def lease_waited(self, pool: PoolLabels, seconds: float) -> None:
-        labels = pool_labels(pool)
+        labels = self._pool(pool)
         self._leases.labels(*labels).inc()
         self._lease_wait.labels(*labels).observe(seconds)
 
     def sidecar_held(self, pool: PoolLabels, seconds: float) -> None:
-        self._held.labels(*pool_labels(pool)).observe(seconds)
+        self._held.labels(*self._pool(pool)).observe(seconds)
 
     def sidecar_created(self, pool: PoolLabels, cold: bool) -> None:
-        (self._cold if cold else self._prewarmed).labels(*pool_labels(pool)).inc()
+        (self._cold if cold else self._prewarmed).labels(*self._pool(pool)).inc()
 
     def sidecar_retired(self, pool: PoolLabels, reason: str) -> None:
-        self._recycles.labels(*pool_labels(pool), reason).inc()
+        self._recycles.labels(*self._pool(pool), reason).inc()
 
     def image_pulled(self, reference: str, seconds: float, ok: bool) -> None:
-        self._pulls.labels(reference, "ok" if ok else "failed").inc()
-        self._pull_time.labels(reference).observe(seconds)
+        (image,) = self._image_budget((reference,))
+        self._pulls.labels(image, "ok" if ok else "failed").inc()
+        self._pull_time.labels(image).observe(seconds)
 
     # ------------------------------------------------------------- execution
 

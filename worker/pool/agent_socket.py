@@ -30,6 +30,9 @@ async def connect_agent(
     except (OSError, TimeoutError) as error:
         writer.close()
         raise ContainerNotRunning(f"the sidecar's agent did not greet ({error})") from None
+    except BaseException:  # cancelled (an early connection abandoned): not left to the GC
+        writer.close()
+        raise
     if greeting != f"{AGENT_PROTOCOL} {secret}\n".encode():
         writer.close()
         raise ContainerNotRunning("the sidecar's socket is not served by its agent")

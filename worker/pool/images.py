@@ -6,7 +6,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import anyio
 
@@ -15,6 +15,20 @@ from worker.pool.events import NoEvents, PoolEvents
 from worker.runtime.protocol import ImageUnavailable, RuntimeUnavailable
 
 log = logging.getLogger(__name__)
+
+# References remembered (resolved IDs, last pull times) before the memory is cleared.
+MAX_REMEMBERED = 4096
+
+
+V = TypeVar("V")
+
+
+def _remember(into: dict[str, V], reference: str, value: V) -> None:
+    """References are named by clients: forgetting them all now and then costs at most an
+    extra look-up or pull, and keeps endless made-up names from piling up."""
+    if reference not in into and len(into) >= MAX_REMEMBERED:
+        into.clear()
+    into[reference] = value
 
 
 class ImageSource(Protocol):
@@ -88,7 +102,7 @@ class ImageResolver:
             self._pulls[reference] = task
             task.add_done_callback(lambda _: self._pulls.pop(reference, None))
         image_id = await asyncio.shield(task)
-        self._resolved[reference] = (image_id, self._clock())
+        _remember(self._resolved, reference, (image_id, self._clock()))
         return image_id
 
     async def _local(self, reference: str) -> str | None:
@@ -116,7 +130,8 @@ class ImageResolver:
                 )
         except (TimeoutError, ImageUnavailable) as error:
             self._events.image_pulled(reference, self._clock() - started, ok=False)
-            self._pulled_at[reference] = self._clock()  # tried: not again before the interval
+            # Tried: not again before the interval.
+            _remember(self._pulled_at, reference, self._clock())
             message = (
                 f"could not be pulled within {self._pull_timeout_s:g} s"
                 if isinstance(error, TimeoutError)
@@ -127,5 +142,5 @@ class ImageResolver:
                 return await self._local(reference) or fallback
             raise FailedPrecondition(f"image {reference!r} {message}") from None
         self._events.image_pulled(reference, self._clock() - started, ok=True)
-        self._pulled_at[reference] = self._clock()
+        _remember(self._pulled_at, reference, self._clock())
         return image_id
