@@ -109,7 +109,10 @@ def remove_tree_at(parent_fd: int, name: str) -> None:
         return
     with opened(top_fd):
         _empty_by_flattening(top_fd)
-    os.rmdir(name, dir_fd=parent_fd)
+    # Gone already: removed meanwhile by whoever else owned it (a sidecar's own clean-up
+    # racing the removal of every leftover), which is what was wanted.
+    with contextlib.suppress(FileNotFoundError):
+        os.rmdir(name, dir_fd=parent_fd)
 
 
 def _empty_by_flattening(top_fd: int) -> None:
