@@ -18,6 +18,15 @@ Context = grpc.aio.ServicerContext[Any, Any]
 
 UNKNOWN_METHOD = "unknown"
 
+# A handler's behaviour attribute, the factory that rebuilds it, and whether it answers with
+# a stream (wrapped as an async generator) or with one response.
+_HANDLER_KINDS: tuple[tuple[str, Callable[..., Any], bool], ...] = (
+    ("unary_unary", grpc.unary_unary_rpc_method_handler, False),
+    ("stream_unary", grpc.stream_unary_rpc_method_handler, False),
+    ("unary_stream", grpc.unary_stream_rpc_method_handler, True),
+    ("stream_stream", grpc.stream_stream_rpc_method_handler, True),
+)
+
 
 def _code_name(context: Context, default: grpc.StatusCode) -> str:
     code = context.code()
@@ -56,30 +65,15 @@ class RequestCounter(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         method = handler_call_details.method
         if self.known_methods is not None and method not in self.known_methods:
             method = UNKNOWN_METHOD
-        if handler.unary_unary is not None:
-            return grpc.unary_unary_rpc_method_handler(
-                self._unary(method, handler.unary_unary),
-                handler.request_deserializer,
-                handler.response_serializer,
-            )
-        if handler.stream_unary is not None:
-            return grpc.stream_unary_rpc_method_handler(
-                self._unary(method, handler.stream_unary),
-                handler.request_deserializer,
-                handler.response_serializer,
-            )
-        if handler.unary_stream is not None:
-            return grpc.unary_stream_rpc_method_handler(
-                self._streaming(method, handler.unary_stream),
-                handler.request_deserializer,
-                handler.response_serializer,
-            )
-        if handler.stream_stream is not None:
-            return grpc.stream_stream_rpc_method_handler(
-                self._streaming(method, handler.stream_stream),
-                handler.request_deserializer,
-                handler.response_serializer,
-            )
+        for kind, make_handler, streams_out in _HANDLER_KINDS:
+            behaviour = getattr(handler, kind)
+            if behaviour is not None:
+                wrap = self._streaming if streams_out else self._unary
+                return make_handler(  # type: ignore[no-any-return]
+                    wrap(method, behaviour),
+                    handler.request_deserializer,
+                    handler.response_serializer,
+                )
         return handler
 
     def _unary(self, method: str, behaviour: Any) -> Any:
