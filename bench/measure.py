@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import statistics
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -12,6 +11,7 @@ from pathlib import Path
 
 import grpc
 
+from bench.concurrency import items_per_second
 from tests.execution_client import ActionSpec, InputFile, execute, upload_action
 from tests.reapi_client import bytestream_read, bytestream_write, upload_batch
 from worker.digests import Digest
@@ -250,40 +250,13 @@ def throughput(address: str, image: str, total: int, concurrency: int, salt: str
             upload_action(ch, noop_spec(image, salt=f"{salt}-{i}".encode())) for i in range(total)
         ]
     channels = [channel(address) for _ in range(concurrency)]
-    lock = threading.Lock()
-    errors: list[BaseException] = []
-    start = threading.Barrier(concurrency + 1)
-
-    def worker(ch: grpc.Channel) -> None:
-        start.wait()
-        while True:
-            with lock:
-                if not actions:
-                    return
-                action = actions.pop()
-            try:
-                run_once(ch, action)
-            except BaseException as error:
-                errors.append(error)
-                return
-
     try:
         for ch in channels:
             grpc.channel_ready_future(ch).result(timeout=30)
-        threads = [threading.Thread(target=worker, args=(ch,)) for ch in channels]
-        for thread in threads:
-            thread.start()
-        start.wait()
-        began = time.perf_counter()
-        for thread in threads:
-            thread.join()
-        elapsed = time.perf_counter() - began
+        return items_per_second(actions, channels, run_once)
     finally:
         for ch in channels:
             ch.close()
-    if errors:
-        raise errors[0]
-    return total / elapsed
 
 
 def cas_figures(address: str) -> dict[str, float]:

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import io
 import tarfile
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import docker
+
+from bench.concurrency import items_per_second
 
 LABEL = {"sidecar-executor.bench": "baseline"}
 
@@ -84,43 +85,16 @@ def container_per_action_latencies(image: str, runs: int) -> list[float]:
 def exec_throughput(container_ids: list[str], total: int) -> float:
     """Execs per second with one client thread per container, `total` execs in all; each
     thread's client is made (and has asked the daemon its version) before the clock starts."""
-    remaining = [total]
-    lock = threading.Lock()
-    errors: list[BaseException] = []
-    start = threading.Barrier(len(container_ids) + 1)
     clients = [docker.APIClient(version="auto") for _ in container_ids]
-
-    def worker(api: docker.APIClient, container_id: str) -> None:
-        start.wait()
-        while True:
-            with lock:
-                if remaining[0] == 0:
-                    return
-                remaining[0] -= 1
-            try:
-                exec_true(api, container_id)
-            except BaseException as error:
-                errors.append(error)
-                return
-
     try:
-        threads = [
-            threading.Thread(target=worker, args=(api, c))
-            for api, c in zip(clients, container_ids, strict=True)
-        ]
-        for thread in threads:
-            thread.start()
-        start.wait()
-        began = time.perf_counter()
-        for thread in threads:
-            thread.join()
-        elapsed = time.perf_counter() - began
+        return items_per_second(
+            range(total),
+            list(zip(clients, container_ids, strict=True)),
+            lambda client, _: exec_true(*client),
+        )
     finally:
         for api in clients:
             api.close()
-    if errors:
-        raise errors[0]
-    return total / elapsed
 
 
 def copy_tree_into_container(container_id: str, files: dict[str, bytes], target: str) -> float:
