@@ -18,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Iterator
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -207,50 +208,54 @@ def test_staging_and_collection_never_leave_the_action_directory(
     (sentinel / "a").mkdir()
     sidecar_dir = case / "sidecar"
     sidecar_dir.mkdir()
-    store = DiskBlobStore(case / "cas", max_bytes=1 << 30)
-    root_digest = upload(store, tree)
-    command = re_pb2.Command(arguments=["true"], working_directory=workdir)
-    if legacy:
-        command.output_files.extend(outputs[::2])
-        command.output_directories.extend(outputs[1::2])
-    else:
-        command.output_paths.extend(outputs)
-    before = snapshot(case, skip=sidecar_dir)
-    action = ActionDir.new(sidecar_dir)
+    # Closed before the directory goes: its journal thread must be done by then.
+    with closing(DiskBlobStore(case / "cas", max_bytes=1 << 30)) as store:
+        root_digest = upload(store, tree)
+        command = re_pb2.Command(arguments=["true"], working_directory=workdir)
+        if legacy:
+            command.output_files.extend(outputs[::2])
+            command.output_directories.extend(outputs[1::2])
+        else:
+            command.output_paths.extend(outputs)
+        before = snapshot(case, skip=sidecar_dir)
+        action = ActionDir.new(sidecar_dir)
 
-    loaded = load_input_tree(DirectoryCache(store), store, root_digest)
-    try:
-        check_action_paths(loaded, command)
-    except ServiceError:
-        assert list(sidecar_dir.iterdir()) == []  # refused before anything was made
+        loaded = load_input_tree(DirectoryCache(store), store, root_digest)
+        try:
+            check_action_paths(loaded, command)
+        except ServiceError:
+            assert list(sidecar_dir.iterdir()) == []  # refused before anything was made
+            assert snapshot(case, skip=sidecar_dir) == before
+            return
+        stage_action(
+            loaded, store, command, action, owner=(ACTION_USER, ACTION_USER), copy_files=False
+        )
         assert snapshot(case, skip=sidecar_dir) == before
-        return
-    stage_action(loaded, store, command, action, owner=(ACTION_USER, ACTION_USER), copy_files=False)
-    assert snapshot(case, skip=sidecar_dir) == before
 
-    play_hostile_action(action.input_root, moves, sentinel)
-    result = re_pb2.ActionResult()
-    try:
-        with (
-            opened(open_trusted_dir(sidecar_dir)) as sidecar_fd,
-            opened(open_dir_at(sidecar_fd, action.name)) as action_fd,
-        ):
-            with opened(open_dir_at(action_fd, "control")) as control_fd:
-                collect_stream(store, control_fd, "stdout", OutputBudget(1 << 30))
-            with opened(open_dir_at(action_fd, "root")) as root_fd:
-                OutputCollector(
-                    store, root_fd, workdir, max_depth=64, budget=OutputBudget(1 << 30)
-                ).collect(command, result)
-    except ServiceError:
-        pass  # A refusal is a fine answer to tampering.
-    assert snapshot(case, skip=sidecar_dir) == before
-    for blob in (case / "cas" / "blobs").rglob("*"):
-        if blob.is_file():
-            data = blob.read_bytes()
-            assert SECRET not in data
-            assert hashlib.sha256(data).hexdigest() == blob.name
+        play_hostile_action(action.input_root, moves, sentinel)
+        result = re_pb2.ActionResult()
+        try:
+            with (
+                opened(open_trusted_dir(sidecar_dir)) as sidecar_fd,
+                opened(open_dir_at(sidecar_fd, action.name)) as action_fd,
+            ):
+                with opened(open_dir_at(action_fd, "control")) as control_fd:
+                    collect_stream(store, control_fd, "stdout", OutputBudget(1 << 30))
+                with opened(open_dir_at(action_fd, "root")) as root_fd:
+                    OutputCollector(
+                        store, root_fd, workdir, max_depth=64, budget=OutputBudget(1 << 30)
+                    ).collect(command, result)
+        except ServiceError:
+            pass  # A refusal is a fine answer to tampering.
+        assert snapshot(case, skip=sidecar_dir) == before
+        store.flush()  # every stored blob a file, so the check below sees them all
+        for blob in (case / "cas" / "blobs").rglob("*"):
+            if blob.is_file():
+                data = blob.read_bytes()
+                assert SECRET not in data
+                assert hashlib.sha256(data).hexdigest() == blob.name
 
-    remove_tree(action.path)
-    assert list(sidecar_dir.iterdir()) == []
-    assert snapshot(case, skip=sidecar_dir) == before
+        remove_tree(action.path)
+        assert list(sidecar_dir.iterdir()) == []
+        assert snapshot(case, skip=sidecar_dir) == before
     shutil.rmtree(case)

@@ -682,8 +682,9 @@ class DiskBlobStore:
 
     def close(self) -> None:
         """Makes every journalled blob a file (so a clean stop leaves no journal behind) and
-        stops the background thread. If that fails (a full disk), the journal keeps them for
-        the next start."""
+        stops the background thread, waiting for it: once this returns, nothing of the store
+        runs behind the caller's back (who may then remove its directory). If that fails (a
+        full disk), the journal keeps them for the next start."""
         try:
             self.flush()
         except OSError as error:
@@ -691,6 +692,9 @@ class DiskBlobStore:
         with self._lock:
             self._closed = True
             self._work.notify_all()
+            materializer = self._materializer
+        if materializer is not None and materializer is not threading.current_thread():
+            materializer.join()
 
     def _materialize(self, batch: list[tuple[str, _PendingBlob]]) -> None:
         """Writes journalled blobs to files and renames them into place (those still pending:
