@@ -35,6 +35,10 @@ READ_CHUNK_BYTES = 1 << 20
 # gathered but not yet written is lost if the stream breaks; ByteStream allows that, the
 # committed size "may be less than the amount of data the client previously sent".
 FLUSH_BYTES = 1 << 20
+# While one append is on its way to disk, the stream goes on receiving up to this much and
+# hands it all over in one call once the disk is free: a slow write does not hold up the
+# client at once, and a stream still holds at most this much in memory.
+BUFFER_BYTES = 8 << 20
 
 
 class _Pending:
@@ -141,7 +145,9 @@ class ByteStreamServicer(bs_grpc.ByteStreamServicer):
                 behind = None
                 if done := await self._flush(upload, pending, request.finish_write):
                     return done
-            elif pending.size >= FLUSH_BYTES:
+            elif pending.size >= FLUSH_BYTES and (
+                behind is None or behind.done() or pending.size >= BUFFER_BYTES
+            ):
                 if behind is not None and (done := await self._settle(upload, behind)):
                     return done
                 offset, data = pending.take()
