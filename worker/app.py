@@ -291,6 +291,7 @@ class Service:
         if self.execution is not None:
             await self.execution.close()
         self.storage.uploads.close()
+        await io_threads.run(self.storage.blobs.close)
         self.identity.release()
 
     async def stop(self, grace_s: float | None = None) -> None:

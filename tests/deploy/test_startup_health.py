@@ -229,6 +229,7 @@ def test_start_up_stops_naming_the_setting_when_the_daemon_sees_another_exec_roo
             await side.start()
         finally:
             await side.close()
+            store.close()
 
     with pytest.raises(StartupFailed) as failure:
         asyncio.run(start())

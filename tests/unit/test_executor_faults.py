@@ -159,6 +159,7 @@ async def worker(
         yield Worker(side, fake, store)
     finally:
         await side.close()
+        store.close()  # its journal thread is done before reachable_dir is removed
         assert fake.containers == {}, "the worker left containers behind"
 
 

@@ -14,6 +14,7 @@ from worker.bots.offer import build_offer
 from worker.bots.remote_cas import RemoteCas
 from worker.bots.scheduler import SchedulerAddress, open_channel
 from worker.bots.session import BotLoop
+from worker.cas import io_threads
 from worker.config import Settings
 from worker.execution.wiring import ExecutionSide
 from worker.identity import claim_data_dir
@@ -98,4 +99,5 @@ class Bot:
         await self.execution.close()
         await self.channel.close(None)
         self.storage.uploads.close()
+        await io_threads.run(self.storage.blobs.close)  # journalled blobs become files
         self.identity.release()
