@@ -18,7 +18,7 @@ from tests.reapi_client import bytestream_read, bytestream_write, upload_batch, 
 from tests.serving import RunningService
 from worker.digests import Digest
 from worker.reapi import bs_grpc, bs_pb2, re_grpc, re_pb2
-from worker.server.bytestream import READ_CHUNK_BYTES
+from worker.server.bytestream import BUFFER_BYTES, READ_CHUNK_BYTES
 
 DATA = os.urandom(3 * 1024 * 1024 + 17)
 DIGEST = Digest.of(DATA)
@@ -307,3 +307,27 @@ def test_disk_work_of_writes_and_reads_runs_off_the_event_loop(
     cas.FindMissingBlobs(re_pb2.FindMissingBlobsRequest(blob_digests=[batched.to_proto()]))
     cas.BatchReadBlobs(re_pb2.BatchReadBlobsRequest(digests=[batched.to_proto()]))
     assert on_loop == []
+
+
+def test_a_write_keeps_receiving_while_the_disk_is_slow_and_holds_a_bounded_amount(
+    service: RunningService, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While one append is in a worker thread the stream goes on taking messages and hands
+    them over together (a slow disk does not stop the client at every megabyte), but never
+    more than BUFFER_BYTES at a time (what a stream may hold in memory)."""
+    appended: list[int] = []
+    append = service.service.storage.uploads.append
+
+    def slow_append(upload: Any, offset: int, data: bytes) -> None:
+        appended.append(len(data))
+        time.sleep(0.05)
+        append(upload, offset, data)
+
+    monkeypatch.setattr(service.service.storage.uploads, "append", slow_append)
+    data = os.urandom(24 * 1024 * 1024)
+    response = bytestream_write(service.channel, data, chunk=1024 * 1024)
+    assert response.committed_size == len(data)
+    assert bytestream_read(service.channel, Digest.of(data)) == data
+    assert sum(appended) == len(data)
+    assert len(appended) < 24, f"one append per message: {appended}"
+    assert max(appended) <= BUFFER_BYTES + 1024 * 1024, appended
