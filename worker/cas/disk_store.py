@@ -1,4 +1,9 @@
-"""The on-disk CAS: one file per blob, written atomically, bounded in size by LRU eviction."""
+"""The on-disk CAS: one file per blob, written atomically, bounded in size by LRU eviction.
+
+DiskBlobStore keeps the index (sizes in LRU order, which files are known good, executable
+copies, reservations) and every change to the files under it. Next to it: reservations and
+counters (worker.cas.accounting), and the plain file helpers (worker.cas.fileio).
+"""
 
 from __future__ import annotations
 
@@ -18,12 +23,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
 
+from worker.cas.accounting import CasCounters, Reservation
 from worker.cas.durability import Durability, flush_data, flush_directories
+from worker.cas.fileio import (
+    CHUNK,
+    NEW_FILE,
+    READ,
+    pwrite_all,
+    read_exactly,
+    storage_error,
+    unlink_if_present,
+    write_all,
+)
 from worker.cas.integrity import BlobDamaged, Signature, hash_fd, signature_of
 from worker.cas.journal import Journal, Segment
 from worker.digests import EMPTY_DIGEST, Digest
 from worker.errors import (
-    Internal,
     InvalidArgument,
     NotFound,
     ResourceExhausted,
@@ -31,11 +46,11 @@ from worker.errors import (
     raise_if_disk_full,
 )
 
+# Callers import these from here, where they always were.
+__all__ = ["CasCounters", "DiskBlobStore", "Reservation", "pwrite_all"]
+
 log = logging.getLogger(__name__)
 
-_CHUNK = 1 << 20
-_NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW
-_READ = os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW
 # Renames of one batch are done under the store's lock in groups of this many, so that a
 # big batch does not hold other writers back for long at a time.
 _INSTALL_GROUP = 64
@@ -53,62 +68,6 @@ class _PendingBlob:
 
     data: bytes
     segment: Segment
-
-
-def pwrite_all(fd: int, data: bytes, offset: int) -> None:
-    """Writes all of data at `offset` of an open file, which may accept less per call."""
-    view = memoryview(data)
-    while view:
-        written = os.pwrite(fd, view, offset)
-        offset += written
-        view = view[written:]
-
-
-def _write_fd(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
-
-
-def _unlink(path: str) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(path)
-
-
-class Reservation:
-    """Bytes set aside in a store's `max_bytes` for data on its way in (a partial upload, a
-    blob being copied), so that stored blobs plus data in flight never exceed the bound.
-
-    Owned by one writer at a time. Installing the blob turns the reservation into the blob's
-    size; release() gives back whatever is left (a no-op once installed or released).
-    """
-
-    def __init__(self, store: DiskBlobStore) -> None:
-        self._store = store
-        self.bytes = 0
-
-    def grow(self, n: int) -> None:
-        """Sets aside n more bytes, evicting blobs if needed; ResourceExhausted if they cannot
-        fit even with every blob evicted."""
-        if n > 0:
-            self._store._reserve(n)
-            self.bytes += n
-
-    def release(self) -> None:
-        n, self.bytes = self.bytes, 0
-        if n:
-            self._store._release(n)
-
-
-@dataclass
-class CasCounters:
-    """Totals since the store opened, for the metrics (plain counts, read without the lock)."""
-
-    lookups: int = 0  # digests asked about by FindMissingBlobs
-    lookup_hits: int = 0  # of those, stored
-    evictions: int = 0  # blobs evicted to stay under max_bytes
-    bytes_stored: int = 0  # bytes of new blobs written in
-    bytes_read: int = 0  # bytes of blobs read (clients' reads, action loads)
 
 
 class DiskBlobStore:
@@ -186,9 +145,9 @@ class DiskBlobStore:
                 if os.stat(target).st_size == len(data):
                     continue
             temp = f"{self._tmp}/replay-{next(self._temp_names)}"
-            fd = os.open(temp, _NEW_FILE, 0o444)
+            fd = os.open(temp, NEW_FILE, 0o444)
             try:
-                _write_fd(fd, data)
+                write_all(fd, data)
                 flush_data(fd, self.durability)
             finally:
                 os.close(fd)
@@ -214,7 +173,7 @@ class DiskBlobStore:
                 self._exe[entry.name] = size
                 self._total += size
             else:  # Left over from a crash between evicting a blob and its copy.
-                _unlink(entry.path)
+                unlink_if_present(entry.path)
         with self._lock:
             evicted = self._evict_locked(keep=None)
         log.info(
@@ -315,7 +274,7 @@ class DiskBlobStore:
             # (staging asks this of every input file of every action).
             if self._good.get(digest.hash) == signature_of(os.lstat(path)):
                 return path
-            fd = os.open(path, _READ)
+            fd = os.open(path, READ)
         except FileNotFoundError:
             self._forget(digest.hash)
             raise NotFound(f"blob {digest} is not in the CAS") from None
@@ -383,13 +342,13 @@ class DiskBlobStore:
     def _read_file(self, digest: Digest) -> tuple[bytes, os.stat_result]:
         """A blob file's bytes, hashed; BlobDamaged (blob removed) if they do not match."""
         try:
-            fd = os.open(self.hash_path(digest.hash), _READ)
+            fd = os.open(self.hash_path(digest.hash), READ)
         except FileNotFoundError:
             self._forget(digest.hash)
             raise NotFound(f"blob {digest} is not in the CAS") from None
         try:
             info = os.fstat(fd)
-            data = _read_exactly(fd, digest.size) if info.st_size == digest.size else b""
+            data = read_exactly(fd, digest.size) if info.st_size == digest.size else b""
         finally:
             os.close(fd)
         if len(data) != digest.size or hashlib.sha256(data).hexdigest() != digest.hash:
@@ -401,7 +360,7 @@ class DiskBlobStore:
         the blob is not stored, BlobDamaged (blob removed) if the file has the wrong size."""
         path = self.require_path(digest)
         try:
-            fd = os.open(path, _READ)
+            fd = os.open(path, READ)
         except FileNotFoundError:
             self._forget(digest.hash)
             raise NotFound(f"blob {digest} is not in the CAS") from None
@@ -460,7 +419,7 @@ class DiskBlobStore:
                 self._make_executable(digest, source, target)
                 return Path(target)
             try:
-                fd = os.open(target, _READ)
+                fd = os.open(target, READ)
             except FileNotFoundError:
                 self._drop_executable(digest.hash)
                 continue
@@ -483,13 +442,13 @@ class DiskBlobStore:
         placed = False
         try:
             reservation.grow(digest.size)
-            fd = os.open(temp, _NEW_FILE, 0o600)
+            fd = os.open(temp, NEW_FILE, 0o600)
             hasher = hashlib.sha256()
             try:
                 with open(source, "rb") as blob:
-                    while chunk := blob.read(_CHUNK):
+                    while chunk := blob.read(CHUNK):
                         hasher.update(chunk)
-                        _write_fd(fd, chunk)
+                        write_all(fd, chunk)
                 os.fchmod(fd, 0o555)
                 flush_data(fd, self.durability)
                 info = os.fstat(fd)
@@ -521,7 +480,7 @@ class DiskBlobStore:
         finally:
             reservation.release()
             if not placed:
-                _unlink(temp)
+                unlink_if_present(temp)
 
     # ----------------------------------------------------------------- writes
 
@@ -581,16 +540,16 @@ class DiskBlobStore:
                 digest, data = items[i]
                 temp = f"{self._tmp}/put-{next(self._temp_names)}"
                 try:
-                    fd = os.open(temp, _NEW_FILE, 0o444)
+                    fd = os.open(temp, NEW_FILE, 0o444)
                     try:
-                        _write_fd(fd, data)
+                        write_all(fd, data)
                         flush_data(fd, self.durability)
                         info = os.fstat(fd)
                     finally:
                         os.close(fd)
                 except OSError as error:
-                    _unlink(temp)
-                    results[i] = _storage_error(error, f"blob {digest}")
+                    unlink_if_present(temp)
+                    results[i] = storage_error(error, f"blob {digest}")
                     continue
                 written.append((i, temp, info))
             placed = self._install_many(
@@ -599,13 +558,13 @@ class DiskBlobStore:
             flush_directories((os.path.dirname(path) for path in placed), self.durability)
             written = []
         except OSError as error:
-            failure = _storage_error(error, f"{len(written)} blobs")
+            failure = storage_error(error, f"{len(written)} blobs")
             for i, _, _ in written:
                 results[i] = failure
         finally:
             reservation.release()
             for _, temp, _ in written:
-                _unlink(temp)
+                unlink_if_present(temp)
         return results
 
     def _journal_small(
@@ -704,9 +663,9 @@ class DiskBlobStore:
         try:
             for hash_, entry in batch:
                 temp = f"{self._tmp}/journal-{next(self._temp_names)}"
-                fd = os.open(temp, _NEW_FILE, 0o444)
+                fd = os.open(temp, NEW_FILE, 0o444)
                 try:
-                    _write_fd(fd, entry.data)
+                    write_all(fd, entry.data)
                     flush_data(fd, self.durability)
                     info = os.fstat(fd)
                 finally:
@@ -714,7 +673,7 @@ class DiskBlobStore:
                 written.append((hash_, entry, temp, info))
         except OSError:
             for _, _, temp, _ in written:
-                _unlink(temp)
+                unlink_if_present(temp)
             raise
         placed: list[str] = []
         finished: list[Segment] = []
@@ -732,7 +691,7 @@ class DiskBlobStore:
                 self._good[hash_] = signature_of(info)
                 finished.append(entry.segment)
         for temp in leftover:
-            _unlink(temp)
+            unlink_if_present(temp)
         flush_directories((os.path.dirname(path) for path in placed), self.durability)
         for segment in finished:
             self._journal.done(segment)
@@ -768,7 +727,7 @@ class DiskBlobStore:
             own.grow(digest.size - own.bytes)
             os.chmod(temp_path, 0o444)
             if self.durability != "none":
-                fd = os.open(temp_path, _READ)
+                fd = os.open(temp_path, READ)
                 try:
                     flush_data(fd, self.durability)
                 finally:
@@ -776,7 +735,7 @@ class DiskBlobStore:
             os.link(temp_path, staged)
             self._install(staged, digest, own, os.stat(staged))
         except OSError as error:
-            _unlink(staged)
+            unlink_if_present(staged)
             raise_if_disk_full(error, f"blob {digest}")
             raise
         finally:
@@ -809,12 +768,10 @@ class DiskBlobStore:
         try:
             try:
                 limit = max_bytes if max_bytes is not None else -1
-                while chunk := os.pread(
-                    fd, _CHUNK if limit < 0 else min(_CHUNK, limit - size), size
-                ):
+                while chunk := os.pread(fd, CHUNK if limit < 0 else min(CHUNK, limit - size), size):
                     reservation.grow(len(chunk))
                     hasher.update(chunk)
-                    _write_fd(out, chunk)
+                    write_all(out, chunk)
                     size += len(chunk)
                 flush_data(out, self.durability)
                 info = os.fstat(out)
@@ -834,7 +791,7 @@ class DiskBlobStore:
         finally:
             reservation.release()
             if not placed:
-                _unlink(temp)
+                unlink_if_present(temp)
 
     # ----------------------------------------------------------- damage
 
@@ -851,7 +808,7 @@ class DiskBlobStore:
                 if digest.hash in self._lru:
                     self._drop_locked(digest.hash)
                 else:
-                    _unlink(path)
+                    unlink_if_present(path)
             elif current is None and digest.hash in self._lru:
                 self._drop_locked(digest.hash)
         log.warning("blob %s was damaged on disk (its bytes no longer match); removed", digest)
@@ -872,7 +829,7 @@ class DiskBlobStore:
     def _new_temp(self, prefix: str, mode: int) -> tuple[int, str]:
         path = self.new_temp_path(prefix)
         try:
-            return os.open(path, _NEW_FILE, mode), path
+            return os.open(path, NEW_FILE, mode), path
         except OSError as error:
             raise_if_disk_full(error, "a temporary file")
             raise
@@ -956,7 +913,7 @@ class DiskBlobStore:
                     keep = digest.hash
                 evicted += self._evict_locked(keep=keep) if placed else 0
         for path in leftover:
-            _unlink(path)
+            unlink_if_present(path)
         self._log_evicted(evicted)
         return placed
 
@@ -983,7 +940,7 @@ class DiskBlobStore:
         if entry is not None:
             self._pending_bytes -= len(entry.data)
             self._journal.done(entry.segment)
-        _unlink(self.hash_path(hash_))
+        unlink_if_present(self.hash_path(hash_))
         self._drop_executable_locked(hash_)
 
     def _drop_executable_locked(self, hash_: str) -> None:
@@ -991,7 +948,7 @@ class DiskBlobStore:
         self._good_exe.pop(hash_, None)
         if exe_size is not None:
             self._total -= exe_size
-            _unlink(self._exe_path(hash_))
+            unlink_if_present(self._exe_path(hash_))
 
     def _drop_executable(self, hash_: str) -> None:
         with self._lock:
@@ -1007,26 +964,3 @@ class DiskBlobStore:
         with self._lock:
             if hash_ in self._lru and not os.path.exists(self.hash_path(hash_)):
                 self._drop_locked(hash_)
-
-
-def _read_exactly(fd: int, size: int) -> bytes:
-    """Up to `size` bytes from offset 0 of an open file (fewer if it is shorter)."""
-    data = os.pread(fd, size, 0)
-    if len(data) == size or not data:
-        return data
-    parts = [data]
-    got = len(data)
-    while got < size and (more := os.pread(fd, size - got, got)):
-        parts.append(more)
-        got += len(more)
-    return b"".join(parts)
-
-
-def _storage_error(error: OSError, what: str) -> ServiceError:
-    """The error a client sees for a failed write: ResourceExhausted for a full disk."""
-    try:
-        raise_if_disk_full(error, what)
-    except ResourceExhausted as full:
-        return full
-    log.error("cannot store %s: %s", what, error)
-    return Internal(f"cannot store {what}: {error.strerror}")
