@@ -6,7 +6,8 @@ not yet files (served from memory meanwhile), runs the background thread that tu
 files, and at startup turns what the last run left in the journal into files. The store keeps
 the index (sizes, LRU order, known-good signatures); this keeps the pending map, the journal
 and the thread. Both are guarded by the store's one lock, which this shares (and waits on,
-through a condition built on it); it has no lock of its own.
+through a condition built on it); it adds no lock of its own (the journal's appends and
+releases are serialized by the journal's own lock, taken after the store's when both are).
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ class SmallBlobs:
     thread that makes them files.
 
     `pending` (hash -> PendingBlob) and everything else here is guarded by the store's lock;
-    the methods named `..._locked` expect it held, the others take it themselves.
+    the methods named `..._locked` expect it held, the others take it where they need it.
     """
 
     def __init__(self, store: DiskBlobStore, directory: Path) -> None:
@@ -96,7 +97,8 @@ class SmallBlobs:
     def append(self, records: list[tuple[str, bytes]]) -> Segment | None:
         """Appends (hash, bytes) records to the journal in one write, if they fit in memory
         beside the blobs already waiting (PENDING_LIMIT). None if they do not, or if the
-        append failed: the caller then writes them to files directly."""
+        append failed: the caller then writes them to files directly. (The room is checked
+        without the lock: concurrent appends may overshoot the limit a little.)"""
         size = sum(len(data) for _, data in records)
         if self._pending_bytes + size > PENDING_LIMIT:
             return None
