@@ -223,7 +223,7 @@ def test_journalled_blobs_come_back_after_a_crash_and_a_torn_record_does_not(
     # As a crash would leave them: in the journal, not yet files (nothing materializes
     # them, since this store is never used again).
     records = [(Digest.of(d).hash, d) for d in datas]
-    store._journal.append(records)
+    store._small.journal.append(records)
     segment = tmp_path / "journal" / "0"
     torn = os.urandom(300)
     with open(segment, "ab") as f:  # a record cut short by the crash
@@ -264,7 +264,7 @@ def test_after_a_failed_journal_append_no_record_follows_the_torn_one(
 ) -> None:
     store = DiskBlobStore(tmp_path, max_bytes=MiB)
     before, lost, after = os.urandom(700), os.urandom(800), os.urandom(900)
-    store._journal.append([(Digest.of(before).hash, before)])
+    store._small.journal.append([(Digest.of(before).hash, before)])
     real_write = os.write
 
     def short_then_full_disk(fd: int, data: bytes | memoryview) -> int:
@@ -273,9 +273,9 @@ def test_after_a_failed_journal_append_no_record_follows_the_torn_one(
 
     monkeypatch.setattr(os, "write", short_then_full_disk)
     with pytest.raises(OSError):
-        store._journal.append([(Digest.of(lost).hash, lost)])
+        store._small.journal.append([(Digest.of(lost).hash, lost)])
     monkeypatch.undo()
-    store._journal.append([(Digest.of(after).hash, after)])
+    store._small.journal.append([(Digest.of(after).hash, after)])
     reopened = DiskBlobStore(tmp_path, max_bytes=MiB)
     assert reopened.read(Digest.of(before)) == before
     assert reopened.read(Digest.of(after)) == after
@@ -306,7 +306,7 @@ def test_a_full_journal_segment_rotates_while_its_blobs_are_not_files_yet(
     store = DiskBlobStore(tmp_path, max_bytes=MiB)
     datas = [os.urandom(1500 + i) for i in range(6)]
     for data in datas:  # as the materializer would leave them if it lagged: not yet files
-        store._journal.append([(Digest.of(data).hash, data)])
+        store._small.journal.append([(Digest.of(data).hash, data)])
     assert len(list((tmp_path / "journal").iterdir())) >= 2
     reopened = DiskBlobStore(tmp_path, max_bytes=MiB)
     assert [reopened.read(Digest.of(d)) for d in datas] == datas

@@ -283,7 +283,7 @@ def test_ingest_fd_on_a_full_disk_is_resource_exhausted_and_leaves_nothing(
     def disk_full(fd: int, data: bytes) -> None:
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(disk_store, "_write_fd", disk_full)
+    monkeypatch.setattr(disk_store, "write_all", disk_full)
     fd = os.open(tmp_path / "out", os.O_RDONLY)
     try:
         with pytest.raises(ResourceExhausted, match="disk full while storing output out"):

@@ -1,8 +1,14 @@
-"""The on-disk CAS: one file per blob, written atomically, bounded in size by LRU eviction."""
+"""The on-disk CAS: one file per blob, written atomically, bounded in size by LRU eviction.
+
+DiskBlobStore keeps the index (sizes in LRU order, which files are known good, executable
+copies, reservations) and every change to the files under it. Its collaborators live next to
+it: the small blobs still only in the journal and the thread that makes them files
+(worker.cas.small_blobs), reservations and counters (worker.cas.accounting), and the plain
+file helpers (worker.cas.fileio).
+"""
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import itertools
 import logging
@@ -10,20 +16,28 @@ import os
 import shutil
 import stat
 import threading
-import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
 
+from worker.cas.accounting import CasCounters, Reservation
 from worker.cas.durability import Durability, flush_data, flush_directories
+from worker.cas.fileio import (
+    CHUNK,
+    NEW_FILE,
+    READ,
+    pwrite_all,
+    read_exactly,
+    storage_error,
+    unlink_if_present,
+    write_all,
+)
 from worker.cas.integrity import BlobDamaged, Signature, hash_fd, signature_of
-from worker.cas.journal import Journal, Segment
+from worker.cas.small_blobs import JOURNAL_MAX_BLOB, SmallBlobs
 from worker.digests import EMPTY_DIGEST, Digest
 from worker.errors import (
-    Internal,
     InvalidArgument,
     NotFound,
     ResourceExhausted,
@@ -31,84 +45,14 @@ from worker.errors import (
     raise_if_disk_full,
 )
 
+# Callers import these from here, where they always were.
+__all__ = ["CasCounters", "DiskBlobStore", "Reservation", "pwrite_all"]
+
 log = logging.getLogger(__name__)
 
-_CHUNK = 1 << 20
-_NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW
-_READ = os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW
 # Renames of one batch are done under the store's lock in groups of this many, so that a
 # big batch does not hold other writers back for long at a time.
 _INSTALL_GROUP = 64
-# Blobs up to this size are acknowledged once in the journal and become files in the
-# background (worker.cas.journal); at most PENDING_LIMIT bytes of them wait at a time.
-JOURNAL_MAX_BLOB = 64 * 1024
-PENDING_LIMIT = 64 << 20
-_MATERIALIZE_GROUP = 256
-_MATERIALIZE_DELAY_S = 0.05
-
-
-@dataclass(eq=False)
-class _PendingBlob:
-    """A blob in the journal and in memory, not yet a file."""
-
-    data: bytes
-    segment: Segment
-
-
-def pwrite_all(fd: int, data: bytes, offset: int) -> None:
-    """Writes all of data at `offset` of an open file, which may accept less per call."""
-    view = memoryview(data)
-    while view:
-        written = os.pwrite(fd, view, offset)
-        offset += written
-        view = view[written:]
-
-
-def _write_fd(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
-
-
-def _unlink(path: str) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(path)
-
-
-class Reservation:
-    """Bytes set aside in a store's `max_bytes` for data on its way in (a partial upload, a
-    blob being copied), so that stored blobs plus data in flight never exceed the bound.
-
-    Owned by one writer at a time. Installing the blob turns the reservation into the blob's
-    size; release() gives back whatever is left (a no-op once installed or released).
-    """
-
-    def __init__(self, store: DiskBlobStore) -> None:
-        self._store = store
-        self.bytes = 0
-
-    def grow(self, n: int) -> None:
-        """Sets aside n more bytes, evicting blobs if needed; ResourceExhausted if they cannot
-        fit even with every blob evicted."""
-        if n > 0:
-            self._store._reserve(n)
-            self.bytes += n
-
-    def release(self) -> None:
-        n, self.bytes = self.bytes, 0
-        if n:
-            self._store._release(n)
-
-
-@dataclass
-class CasCounters:
-    """Totals since the store opened, for the metrics (plain counts, read without the lock)."""
-
-    lookups: int = 0  # digests asked about by FindMissingBlobs
-    lookup_hits: int = 0  # of those, stored
-    evictions: int = 0  # blobs evicted to stay under max_bytes
-    bytes_stored: int = 0  # bytes of new blobs written in
-    bytes_read: int = 0  # bytes of blobs read (clients' reads, action loads)
 
 
 class DiskBlobStore:
@@ -123,8 +67,8 @@ class DiskBlobStore:
     the same blob race harmlessly (the same bytes win either way). Whether the
     data is flushed to disk first is the durability policy (worker.cas.durability).
     Small blobs are acknowledged once they are in the journal (worker.cas.journal) and
-    become files in the background; until then they are indexed and served from memory,
-    and anything that needs the file (staging, blob_path) makes it first.
+    become files in the background (worker.cas.small_blobs); until then they are indexed and
+    served from memory, and anything that needs the file (staging, blob_path) makes it first.
 
     Nothing trusts a stored file blindly: whole reads hash what they read and a blob
     whose bytes no longer match its digest is removed and reported missing
@@ -167,37 +111,9 @@ class DiskBlobStore:
         self._reserved = 0  # data on its way in
         self._reclaimers: list[Callable[[], None]] = []
         self._temp_names = itertools.count()
-        self._pending: dict[str, _PendingBlob] = {}  # indexed, in the journal, not yet files
-        self._pending_bytes = 0
-        self._work = threading.Condition(self._lock)
-        self._materializer: threading.Thread | None = None
-        self._closed = False
-        self._replay_journal(root / "journal")
-        self._journal = Journal(root / "journal", durability)
+        # Replays the last run's journal into files, so before the index is read from them.
+        self._small = SmallBlobs(self, root / "journal")
         self._load_index()
-
-    def _replay_journal(self, directory: Path) -> None:
-        """Turns every intact journal record left by the last run into its file, then
-        deletes the journal (before the index is read from the files)."""
-        placed: list[str] = []
-        for hash_, data in Journal.replay(directory):
-            target = self.hash_path(hash_)
-            with contextlib.suppress(FileNotFoundError):
-                if os.stat(target).st_size == len(data):
-                    continue
-            temp = f"{self._tmp}/replay-{next(self._temp_names)}"
-            fd = os.open(temp, _NEW_FILE, 0o444)
-            try:
-                _write_fd(fd, data)
-                flush_data(fd, self.durability)
-            finally:
-                os.close(fd)
-            os.replace(temp, target)
-            placed.append(target)
-        flush_directories((os.path.dirname(path) for path in placed), self.durability)
-        Journal.remove_all(directory)
-        if placed:
-            log.info("CAS journal: %d blobs of the last run made into files", len(placed))
 
     def _load_index(self) -> None:
         found: list[tuple[float, str, int]] = []
@@ -214,7 +130,7 @@ class DiskBlobStore:
                 self._exe[entry.name] = size
                 self._total += size
             else:  # Left over from a crash between evicting a blob and its copy.
-                _unlink(entry.path)
+                unlink_if_present(entry.path)
         with self._lock:
             evicted = self._evict_locked(keep=None)
         log.info(
@@ -241,9 +157,9 @@ class DiskBlobStore:
 
     def blob_path(self, digest: Digest) -> Path:
         """Where the blob's file is; a blob still only in the journal is made a file first."""
-        entry = self._pending.get(digest.hash)  # one dict lookup: atomic without the lock
+        entry = self._small.pending.get(digest.hash)  # one dict lookup: atomic without the lock
         if entry is not None:
-            self._materialize([(digest.hash, entry)])
+            self._small.materialize([(digest.hash, entry)])
         return Path(self.hash_path(digest.hash))
 
     def hash_path(self, hash_: str) -> str:
@@ -315,7 +231,7 @@ class DiskBlobStore:
             # (staging asks this of every input file of every action).
             if self._good.get(digest.hash) == signature_of(os.lstat(path)):
                 return path
-            fd = os.open(path, _READ)
+            fd = os.open(path, READ)
         except FileNotFoundError:
             self._forget(digest.hash)
             raise NotFound(f"blob {digest} is not in the CAS") from None
@@ -360,7 +276,7 @@ class DiskBlobStore:
                     results[i] = NotFound(f"blob {digest} is not in the CAS")
                     continue
                 self._lru.move_to_end(digest.hash)
-                entry = self._pending.get(digest.hash)
+                entry = self._small.pending.get(digest.hash)
                 if entry is not None:
                     results[i] = entry.data  # Hashed on the way in, in memory since.
                 else:
@@ -383,13 +299,13 @@ class DiskBlobStore:
     def _read_file(self, digest: Digest) -> tuple[bytes, os.stat_result]:
         """A blob file's bytes, hashed; BlobDamaged (blob removed) if they do not match."""
         try:
-            fd = os.open(self.hash_path(digest.hash), _READ)
+            fd = os.open(self.hash_path(digest.hash), READ)
         except FileNotFoundError:
             self._forget(digest.hash)
             raise NotFound(f"blob {digest} is not in the CAS") from None
         try:
             info = os.fstat(fd)
-            data = _read_exactly(fd, digest.size) if info.st_size == digest.size else b""
+            data = read_exactly(fd, digest.size) if info.st_size == digest.size else b""
         finally:
             os.close(fd)
         if len(data) != digest.size or hashlib.sha256(data).hexdigest() != digest.hash:
@@ -401,7 +317,7 @@ class DiskBlobStore:
         the blob is not stored, BlobDamaged (blob removed) if the file has the wrong size."""
         path = self.require_path(digest)
         try:
-            fd = os.open(path, _READ)
+            fd = os.open(path, READ)
         except FileNotFoundError:
             self._forget(digest.hash)
             raise NotFound(f"blob {digest} is not in the CAS") from None
@@ -426,26 +342,23 @@ class DiskBlobStore:
         journal), marked as just used; NotFound if it is not stored."""
         if not self.contains(digest):
             raise NotFound(f"blob {digest} is not in the CAS")
-        with self._lock:
-            entry = self._pending.get(digest.hash)
-        if entry is not None:
-            self._materialize([(digest.hash, entry)])
+        self._small.make_file(digest.hash)
         return self.hash_path(digest.hash)
 
     def pending_data(self, digest: Digest) -> bytes | None:
         """The bytes of a blob that is still only in the journal (None otherwise)."""
-        with self._lock:
-            entry = self._pending.get(digest.hash)
-        return entry.data if entry is not None and len(entry.data) == digest.size else None
+        return self._small.data(digest)
 
     def flush(self) -> None:
         """Makes every blob still only in the journal a file (tests, shutdown)."""
-        while True:
-            with self._lock:
-                batch = list(itertools.islice(self._pending.items(), _MATERIALIZE_GROUP))
-            if not batch:
-                return
-            self._materialize(batch)
+        self._small.flush()
+
+    def close(self) -> None:
+        """Makes every journalled blob a file (so a clean stop leaves no journal behind) and
+        stops the background thread, waiting for it: once this returns, nothing of the store
+        runs behind the caller's back (who may then remove its directory). If that fails (a
+        full disk), the journal keeps them for the next start."""
+        self._small.close()
 
     def require_executable(self, digest: Digest) -> Path:
         """Like check_whole(), for the 0555 copy of the blob, which it makes if needed (and
@@ -460,7 +373,7 @@ class DiskBlobStore:
                 self._make_executable(digest, source, target)
                 return Path(target)
             try:
-                fd = os.open(target, _READ)
+                fd = os.open(target, READ)
             except FileNotFoundError:
                 self._drop_executable(digest.hash)
                 continue
@@ -483,13 +396,13 @@ class DiskBlobStore:
         placed = False
         try:
             reservation.grow(digest.size)
-            fd = os.open(temp, _NEW_FILE, 0o600)
+            fd = os.open(temp, NEW_FILE, 0o600)
             hasher = hashlib.sha256()
             try:
                 with open(source, "rb") as blob:
-                    while chunk := blob.read(_CHUNK):
+                    while chunk := blob.read(CHUNK):
                         hasher.update(chunk)
-                        _write_fd(fd, chunk)
+                        write_all(fd, chunk)
                 os.fchmod(fd, 0o555)
                 flush_data(fd, self.durability)
                 info = os.fstat(fd)
@@ -521,7 +434,7 @@ class DiskBlobStore:
         finally:
             reservation.release()
             if not placed:
-                _unlink(temp)
+                unlink_if_present(temp)
 
     # ----------------------------------------------------------------- writes
 
@@ -579,18 +492,18 @@ class DiskBlobStore:
                 if i in journalled:
                     continue
                 digest, data = items[i]
-                temp = f"{self._tmp}/put-{next(self._temp_names)}"
+                temp = self._numbered_temp_path("put-")
                 try:
-                    fd = os.open(temp, _NEW_FILE, 0o444)
+                    fd = os.open(temp, NEW_FILE, 0o444)
                     try:
-                        _write_fd(fd, data)
+                        write_all(fd, data)
                         flush_data(fd, self.durability)
                         info = os.fstat(fd)
                     finally:
                         os.close(fd)
                 except OSError as error:
-                    _unlink(temp)
-                    results[i] = _storage_error(error, f"blob {digest}")
+                    unlink_if_present(temp)
+                    results[i] = storage_error(error, f"blob {digest}")
                     continue
                 written.append((i, temp, info))
             placed = self._install_many(
@@ -599,13 +512,13 @@ class DiskBlobStore:
             flush_directories((os.path.dirname(path) for path in placed), self.durability)
             written = []
         except OSError as error:
-            failure = _storage_error(error, f"{len(written)} blobs")
+            failure = storage_error(error, f"{len(written)} blobs")
             for i, _, _ in written:
                 results[i] = failure
         finally:
             reservation.release()
             for _, temp, _ in written:
-                _unlink(temp)
+                unlink_if_present(temp)
         return results
 
     def _journal_small(
@@ -615,13 +528,10 @@ class DiskBlobStore:
         then they are indexed (and served from memory) until the background thread has
         made them files. Returns which items it took; the others go to files directly."""
         small = [i for i in new if items[i][0].size <= JOURNAL_MAX_BLOB]
-        size = sum(items[i][0].size for i in small)
-        if not small or self._pending_bytes + size > PENDING_LIMIT:
+        if not small:
             return set()
-        try:
-            segment = self._journal.append([(items[i][0].hash, items[i][1]) for i in small])
-        except OSError as error:
-            log.warning("CAS journal: append failed (%s); writing files directly", error)
+        segment = self._small.append([(items[i][0].hash, items[i][1]) for i in small])
+        if segment is None:
             return set()
         already = 0
         keep = None
@@ -639,108 +549,26 @@ class DiskBlobStore:
                     self._good.pop(digest.hash, None)
                 self._lru[digest.hash] = digest.size
                 self._lru.move_to_end(digest.hash)
-                self._pending[digest.hash] = _PendingBlob(data, segment)
-                self._pending_bytes += digest.size
+                self._small.add_locked(digest.hash, data, segment)
                 self._total += digest.size
                 self.counters.bytes_stored += digest.size
                 keep = digest.hash
             evicted = self._evict_locked(keep=keep) if keep is not None else 0
             if keep is not None:
-                if self._materializer is None:
-                    self._materializer = threading.Thread(
-                        target=self._materialize_forever, name="cas-journal", daemon=True
-                    )
-                    self._materializer.start()
-                self._work.notify()
+                self._small.wake_locked()
         if already:
-            self._journal.done(segment, already)
+            self._small.journal.done(segment, already)
         self._log_evicted(evicted)
         return set(small)
-
-    def _materialize_forever(self) -> None:
-        """The background thread that turns journalled blobs into files."""
-        while True:
-            with self._lock:
-                while not self._pending and not self._closed:
-                    self._work.wait()
-                few = len(self._pending) < _MATERIALIZE_GROUP // 4
-            if few:
-                # Let a trickle of single writes gather: one wake-up per group of files, not
-                # one per blob (each costs the event loop a GIL hand-over).
-                time.sleep(_MATERIALIZE_DELAY_S)
-            with self._lock:
-                if self._closed:
-                    return
-                batch = list(itertools.islice(self._pending.items(), _MATERIALIZE_GROUP))
-            try:
-                self._materialize(batch)
-            except Exception:
-                if not self._tmp.is_dir():
-                    return  # The store's directory was removed under it: nothing to do.
-                log.exception("CAS journal: cannot make blobs into files yet; retrying")
-                time.sleep(1)
-
-    def close(self) -> None:
-        """Makes every journalled blob a file (so a clean stop leaves no journal behind) and
-        stops the background thread, waiting for it: once this returns, nothing of the store
-        runs behind the caller's back (who may then remove its directory). If that fails (a
-        full disk), the journal keeps them for the next start."""
-        try:
-            self.flush()
-        except OSError as error:
-            log.warning("CAS journal: blobs left in the journal for the next start: %s", error)
-        with self._lock:
-            self._closed = True
-            self._work.notify_all()
-            materializer = self._materializer
-        if materializer is not None and materializer is not threading.current_thread():
-            materializer.join()
-
-    def _materialize(self, batch: list[tuple[str, _PendingBlob]]) -> None:
-        """Writes journalled blobs to files and renames them into place (those still pending:
-        another thread may have done it, or eviction dropped them, meanwhile); their journal
-        records are done once the files are (under fsync: durably) there."""
-        written: list[tuple[str, _PendingBlob, str, os.stat_result]] = []
-        try:
-            for hash_, entry in batch:
-                temp = f"{self._tmp}/journal-{next(self._temp_names)}"
-                fd = os.open(temp, _NEW_FILE, 0o444)
-                try:
-                    _write_fd(fd, entry.data)
-                    flush_data(fd, self.durability)
-                    info = os.fstat(fd)
-                finally:
-                    os.close(fd)
-                written.append((hash_, entry, temp, info))
-        except OSError:
-            for _, _, temp, _ in written:
-                _unlink(temp)
-            raise
-        placed: list[str] = []
-        finished: list[Segment] = []
-        leftover: list[str] = []
-        with self._lock:
-            for hash_, entry, temp, info in written:
-                if self._pending.get(hash_) is not entry:
-                    leftover.append(temp)
-                    continue
-                target = self.hash_path(hash_)
-                os.replace(temp, target)
-                placed.append(target)
-                del self._pending[hash_]
-                self._pending_bytes -= len(entry.data)
-                self._good[hash_] = signature_of(info)
-                finished.append(entry.segment)
-        for temp in leftover:
-            _unlink(temp)
-        flush_directories((os.path.dirname(path) for path in placed), self.durability)
-        for segment in finished:
-            self._journal.done(segment)
 
     def new_temp_path(self, prefix: str = "upload-") -> str:
         """A fresh name for a file on the CAS's filesystem (not created; the directory is
         emptied at startup). Its owner deletes it."""
         return f"{self._tmp}/{prefix}{uuid.uuid4().hex}"
+
+    def _numbered_temp_path(self, prefix: str) -> str:
+        """Like new_temp_path, cheaper: a name unique to this run of the store."""
+        return f"{self._tmp}/{prefix}{next(self._temp_names)}"
 
     def reservation(self) -> Reservation:
         """An empty reservation of space in this store, for data on its way in."""
@@ -768,7 +596,7 @@ class DiskBlobStore:
             own.grow(digest.size - own.bytes)
             os.chmod(temp_path, 0o444)
             if self.durability != "none":
-                fd = os.open(temp_path, _READ)
+                fd = os.open(temp_path, READ)
                 try:
                     flush_data(fd, self.durability)
                 finally:
@@ -776,7 +604,7 @@ class DiskBlobStore:
             os.link(temp_path, staged)
             self._install(staged, digest, own, os.stat(staged))
         except OSError as error:
-            _unlink(staged)
+            unlink_if_present(staged)
             raise_if_disk_full(error, f"blob {digest}")
             raise
         finally:
@@ -809,12 +637,10 @@ class DiskBlobStore:
         try:
             try:
                 limit = max_bytes if max_bytes is not None else -1
-                while chunk := os.pread(
-                    fd, _CHUNK if limit < 0 else min(_CHUNK, limit - size), size
-                ):
+                while chunk := os.pread(fd, CHUNK if limit < 0 else min(CHUNK, limit - size), size):
                     reservation.grow(len(chunk))
                     hasher.update(chunk)
-                    _write_fd(out, chunk)
+                    write_all(out, chunk)
                     size += len(chunk)
                 flush_data(out, self.durability)
                 info = os.fstat(out)
@@ -834,7 +660,7 @@ class DiskBlobStore:
         finally:
             reservation.release()
             if not placed:
-                _unlink(temp)
+                unlink_if_present(temp)
 
     # ----------------------------------------------------------- damage
 
@@ -851,7 +677,7 @@ class DiskBlobStore:
                 if digest.hash in self._lru:
                     self._drop_locked(digest.hash)
                 else:
-                    _unlink(path)
+                    unlink_if_present(path)
             elif current is None and digest.hash in self._lru:
                 self._drop_locked(digest.hash)
         log.warning("blob %s was damaged on disk (its bytes no longer match); removed", digest)
@@ -872,7 +698,7 @@ class DiskBlobStore:
     def _new_temp(self, prefix: str, mode: int) -> tuple[int, str]:
         path = self.new_temp_path(prefix)
         try:
-            return os.open(path, _NEW_FILE, mode), path
+            return os.open(path, NEW_FILE, mode), path
         except OSError as error:
             raise_if_disk_full(error, "a temporary file")
             raise
@@ -956,7 +782,7 @@ class DiskBlobStore:
                     keep = digest.hash
                 evicted += self._evict_locked(keep=keep) if placed else 0
         for path in leftover:
-            _unlink(path)
+            unlink_if_present(path)
         self._log_evicted(evicted)
         return placed
 
@@ -979,11 +805,8 @@ class DiskBlobStore:
     def _drop_locked(self, hash_: str) -> None:
         self._total -= self._lru.pop(hash_)
         self._good.pop(hash_, None)
-        entry = self._pending.pop(hash_, None)
-        if entry is not None:
-            self._pending_bytes -= len(entry.data)
-            self._journal.done(entry.segment)
-        _unlink(self.hash_path(hash_))
+        self._small.drop_locked(hash_)
+        unlink_if_present(self.hash_path(hash_))
         self._drop_executable_locked(hash_)
 
     def _drop_executable_locked(self, hash_: str) -> None:
@@ -991,7 +814,7 @@ class DiskBlobStore:
         self._good_exe.pop(hash_, None)
         if exe_size is not None:
             self._total -= exe_size
-            _unlink(self._exe_path(hash_))
+            unlink_if_present(self._exe_path(hash_))
 
     def _drop_executable(self, hash_: str) -> None:
         with self._lock:
@@ -1007,26 +830,3 @@ class DiskBlobStore:
         with self._lock:
             if hash_ in self._lru and not os.path.exists(self.hash_path(hash_)):
                 self._drop_locked(hash_)
-
-
-def _read_exactly(fd: int, size: int) -> bytes:
-    """Up to `size` bytes from offset 0 of an open file (fewer if it is shorter)."""
-    data = os.pread(fd, size, 0)
-    if len(data) == size or not data:
-        return data
-    parts = [data]
-    got = len(data)
-    while got < size and (more := os.pread(fd, size - got, got)):
-        parts.append(more)
-        got += len(more)
-    return b"".join(parts)
-
-
-def _storage_error(error: OSError, what: str) -> ServiceError:
-    """The error a client sees for a failed write: ResourceExhausted for a full disk."""
-    try:
-        raise_if_disk_full(error, what)
-    except ResourceExhausted as full:
-        return full
-    log.error("cannot store %s: %s", what, error)
-    return Internal(f"cannot store {what}: {error.strerror}")
