@@ -137,6 +137,7 @@ def test_disk_full_is_resource_exhausted_and_the_store_stays_consistent(tmp_path
             )
             assert len(missing.missing_blob_digests) == 1
             assert bytestream_read(service.channel, Digest.of(small)) == small
+            service.service.storage.blobs.flush()  # `small` is a file, not one in the making
             leftovers = list((mount / "cas" / "tmp").iterdir())
             assert leftovers == []
             again = b"after the failure" * 100

@@ -157,9 +157,8 @@ class DiskBlobStore:
 
     def blob_path(self, digest: Digest) -> Path:
         """Where the blob's file is; a blob still only in the journal is made a file first."""
-        entry = self._small.pending.get(digest.hash)  # one dict lookup: atomic without the lock
-        if entry is not None:
-            self._small.materialize([(digest.hash, entry)])
+        if digest.hash in self._small.pending:  # one dict lookup: atomic without the lock
+            self._small.make_file(digest.hash)
         return Path(self.hash_path(digest.hash))
 
     def hash_path(self, hash_: str) -> str:

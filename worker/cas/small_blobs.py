@@ -65,6 +65,10 @@ class SmallBlobs:
         self.pending: dict[str, PendingBlob] = {}  # indexed, in the journal, not yet files
         self._pending_bytes = 0
         self._work = threading.Condition(self._lock)
+        # Batches being made into files right now (taken under the lock, counted until their
+        # temporary files are renamed or removed), and the condition that says one ended.
+        self._in_flight = 0
+        self._batch_ended = threading.Condition(self._lock)
         self._materializer: threading.Thread | None = None
         self._closed = False
         self._replay(directory)
@@ -135,9 +139,9 @@ class SmallBlobs:
     def make_file(self, hash_: str) -> None:
         """Makes the blob a file now if it is still only in the journal."""
         with self._lock:
-            entry = self.pending.get(hash_)
-        if entry is not None:
-            self.materialize([(hash_, entry)])
+            batch = self._take_locked([hash_])
+        if batch:
+            self._materialize(batch)
 
     def data(self, digest: Digest) -> bytes | None:
         """The bytes of a blob that is still only in the journal (None otherwise)."""
@@ -146,13 +150,27 @@ class SmallBlobs:
         return entry.data if entry is not None and len(entry.data) == digest.size else None
 
     def flush(self) -> None:
-        """Makes every blob still only in the journal a file (tests, shutdown)."""
+        """Makes every blob still only in the journal a file, and waits for the background
+        thread's batch in progress: once this returns, no temporary file of the journal's is
+        left in the store's `tmp/` (tests, shutdown)."""
         while True:
             with self._lock:
-                batch = list(itertools.islice(self.pending.items(), _MATERIALIZE_GROUP))
+                while not (batch := self._take_locked()) and self._in_flight:
+                    self._batch_ended.wait()
             if not batch:
                 return
-            self.materialize(batch)
+            self._materialize(batch)
+
+    def _take_locked(self, hashes: list[str] | None = None) -> list[tuple[str, PendingBlob]]:
+        """The next batch of pending blobs to make into files (those of `hashes`, or the
+        first _MATERIALIZE_GROUP), counted as in flight until _materialize ends (lock held)."""
+        if hashes is None:
+            batch = list(itertools.islice(self.pending.items(), _MATERIALIZE_GROUP))
+        else:
+            batch = [(h, self.pending[h]) for h in hashes if h in self.pending]
+        if batch:
+            self._in_flight += 1
+        return batch
 
     def _materialize_forever(self) -> None:
         """The background thread that turns journalled blobs into files."""
@@ -168,9 +186,11 @@ class SmallBlobs:
             with self._lock:
                 if self._closed:
                     return
-                batch = list(itertools.islice(self.pending.items(), _MATERIALIZE_GROUP))
+                batch = self._take_locked()
+            if not batch:
+                continue  # flushed by another thread meanwhile
             try:
-                self.materialize(batch)
+                self._materialize(batch)
             except Exception:
                 if not self._store._tmp.is_dir():
                     return  # The store's directory was removed under it: nothing to do.
@@ -193,16 +213,29 @@ class SmallBlobs:
         if materializer is not None and materializer is not threading.current_thread():
             materializer.join()
 
-    def materialize(self, batch: list[tuple[str, PendingBlob]]) -> None:
+    def _materialize(self, batch: list[tuple[str, PendingBlob]]) -> None:
+        """Makes a batch taken with _take_locked into files; it is no longer in flight once
+        this returns or raises."""
+        try:
+            self._write_and_place(batch)
+        finally:
+            with self._lock:
+                self._in_flight -= 1
+                self._batch_ended.notify_all()
+
+    def _write_and_place(self, batch: list[tuple[str, PendingBlob]]) -> None:
         """Writes journalled blobs to files and renames them into place (those still pending:
         another thread may have done it, or eviction dropped them, meanwhile); their journal
-        records are done once the files are (under fsync: durably) there."""
+        records are done once the files are (under fsync: durably) there. A write that fails
+        (a full disk) leaves none of the batch's temporary files behind."""
         store = self._store
         written: list[tuple[str, PendingBlob, str, os.stat_result]] = []
+        half_written = ""
         try:
             for hash_, entry in batch:
                 temp = store._numbered_temp_path("journal-")
                 fd = os.open(temp, NEW_FILE, 0o444)
+                half_written = temp
                 try:
                     write_all(fd, entry.data)
                     flush_data(fd, store.durability)
@@ -210,9 +243,11 @@ class SmallBlobs:
                 finally:
                     os.close(fd)
                 written.append((hash_, entry, temp, info))
+                half_written = ""
         except OSError:
-            for _, _, temp, _ in written:
-                unlink_if_present(temp)
+            for made in [half_written, *(temp for _, _, temp, _ in written)]:
+                if made:
+                    unlink_if_present(made)
             raise
         placed: list[str] = []
         finished: list[Segment] = []
