@@ -381,7 +381,8 @@ class DiskBlobStore:
                 if self._good_exe.get(digest.hash) == signature_of(info):
                     return Path(target)
                 if hash_fd(fd, info.st_size) == (digest.hash, digest.size):
-                    self._good_exe[digest.hash] = signature_of(info)
+                    with self._lock:
+                        self._good_exe[digest.hash] = signature_of(info)
                     return Path(target)
             finally:
                 os.close(fd)
