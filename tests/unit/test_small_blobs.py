@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from worker.cas import small_blobs
+from worker.cas import fileio, small_blobs
 from worker.cas.disk_store import DiskBlobStore
 from worker.digests import Digest
 
@@ -39,7 +39,7 @@ def test_flush_returns_only_once_the_background_threads_batch_is_done(
     background thread is still writing (a CI failure came from exactly that)."""
     in_background = threading.Event()
     release = threading.Event()
-    write_all = small_blobs.write_all
+    write_all = fileio.write_all
 
     def slow_in_background(fd: int, data: bytes) -> None:
         if threading.current_thread().name == "cas-journal":
@@ -51,7 +51,12 @@ def test_flush_returns_only_once_the_background_threads_batch_is_done(
     datas = put_small(store, 3)
     assert in_background.wait(10), "the background thread never started a batch"
     flushed = threading.Event()
-    flusher = threading.Thread(target=lambda: (store.flush(), flushed.set()))
+
+    def flush() -> None:
+        store.flush()
+        flushed.set()
+
+    flusher = threading.Thread(target=flush)
     flusher.start()
     assert not flushed.wait(0.5), "flush returned while the background batch was in progress"
     release.set()
@@ -68,7 +73,7 @@ def test_a_write_that_fails_leaves_no_temporary_file(
     """On a full disk the background thread retries every second; each try must not leave
     its half-written file behind."""
     calls = 0
-    write_all = small_blobs.write_all
+    write_all = fileio.write_all
 
     def full_on_the_second(fd: int, data: bytes) -> None:
         nonlocal calls

@@ -37,7 +37,8 @@ class Reservation:
 
 @dataclass
 class CasCounters:
-    """Totals since the store opened, for the metrics (plain counts, read without the lock)."""
+    """Totals since the store opened, for the metrics: changed under the store's lock (so no
+    increment is lost between threads), read without it."""
 
     lookups: int = 0  # digests asked about by FindMissingBlobs
     lookup_hits: int = 0  # of those, stored

@@ -199,8 +199,8 @@ class DiskBlobStore:
                     lru.move_to_end(digest.hash)
                 else:
                     missing.append(digest)
-        self.counters.lookups += asked
-        self.counters.lookup_hits += asked - len(missing)
+            self.counters.lookups += asked
+            self.counters.lookup_hits += asked - len(missing)
         return missing
 
     def find_missing_or_damaged(self, digests: Iterable[Digest]) -> list[Digest]:
@@ -287,12 +287,12 @@ class DiskBlobStore:
                 good.append((digests[i].hash, info))
             except ServiceError as error:
                 results[i] = error
-        if good:
-            with self._lock:
-                for hash_, info in good:
-                    if hash_ in self._lru:
-                        self._good[hash_] = signature_of(info)
-        self.counters.bytes_read += sum(len(r) for r in results if isinstance(r, bytes))
+        read = sum(len(r) for r in results if isinstance(r, bytes))
+        with self._lock:
+            for hash_, info in good:
+                if hash_ in self._lru:
+                    self._good[hash_] = signature_of(info)
+            self.counters.bytes_read += read
         return results
 
     def _read_file(self, digest: Digest) -> tuple[bytes, os.stat_result]:
@@ -324,7 +324,8 @@ class DiskBlobStore:
         if info.st_size != digest.size:
             os.close(fd)
             self.discard_damaged(digest, info.st_ino)
-        self.counters.bytes_read += digest.size
+        with self._lock:
+            self.counters.bytes_read += digest.size
         return fd, info
 
     def check_open(self, digest: Digest, fd: int, info: os.stat_result) -> None:
@@ -800,6 +801,7 @@ class DiskBlobStore:
                 continue
             self._drop_locked(oldest)
             evicted += 1
+        self.counters.evictions += evicted
         return evicted
 
     def _drop_locked(self, hash_: str) -> None:
@@ -821,7 +823,6 @@ class DiskBlobStore:
             self._drop_executable_locked(hash_)
 
     def _log_evicted(self, evicted: int) -> None:
-        self.counters.evictions += evicted
         if evicted:
             log.info("evicted %d blobs to stay under %d bytes", evicted, self.max_bytes)
 
