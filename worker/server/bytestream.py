@@ -35,10 +35,15 @@ READ_CHUNK_BYTES = 1 << 20
 # gathered but not yet written is lost if the stream breaks; ByteStream allows that, the
 # committed size "may be less than the amount of data the client previously sent".
 FLUSH_BYTES = 1 << 20
-# While one append is on its way to disk, the stream goes on receiving up to this much and
-# hands it all over in one call once the disk is free: a slow write does not hold up the
-# client at once, and a stream still holds at most this much in memory.
+# While one append is on its way to disk, the stream goes on receiving and hands what came
+# over in one call once the disk is free, so a slow write does not hold up the client at once;
+# what is gathered and what is in flight stay under this much together (plus one message), so
+# a stream holds a bounded amount of memory.
 BUFFER_BYTES = 8 << 20
+# What one gathered message costs in memory beyond its bytes (a bytes object and its place
+# in a list, rounded up): counted, so that a stream of tiny messages is bounded in memory,
+# not only in payload.
+MESSAGE_OVERHEAD_BYTES = 64
 
 
 class _Pending:
@@ -52,6 +57,11 @@ class _Pending:
     @property
     def end(self) -> int:
         return self.offset + self.size
+
+    @property
+    def memory(self) -> int:
+        """Roughly what the gathered messages take in memory."""
+        return self.size + MESSAGE_OVERHEAD_BYTES * len(self._chunks)
 
     def add(self, data: bytes) -> None:
         if data:
@@ -110,6 +120,7 @@ class ByteStreamServicer(bs_grpc.ByteStreamServicer):
         upload: PartialUpload | None = None
         pending = _Pending()
         behind: asyncio.Future[None] | None = None  # an append still in flight
+        behind_bytes = 0  # and its size
         async for request in request_iterator:
             check_now = upload is None  # the first offset is checked at once
             if upload is None:
@@ -145,13 +156,14 @@ class ByteStreamServicer(bs_grpc.ByteStreamServicer):
                 behind = None
                 if done := await self._flush(upload, pending, request.finish_write):
                     return done
-            elif pending.size >= FLUSH_BYTES and (
-                behind is None or behind.done() or pending.size >= BUFFER_BYTES
+            elif pending.memory >= FLUSH_BYTES and (
+                behind is None or behind.done() or pending.memory + behind_bytes >= BUFFER_BYTES
             ):
                 if behind is not None and (done := await self._settle(upload, behind)):
                     return done
-                offset, data = pending.take()
-                behind = io_threads.submit(self._write, upload, offset, data, False)
+                behind_bytes = pending.size
+                # No local keeps the data: once written, the bytes can go.
+                behind = io_threads.submit(self._write, upload, *pending.take(), False)
                 behind.add_done_callback(_retrieve)
         if upload is None:
             raise InvalidArgument("write stream ended before its first message")
