@@ -290,7 +290,7 @@ class Service:
         await self.server.stop(0)
         if self.execution is not None:
             await self.execution.close()
-        self.storage.uploads.close()
+        await io_threads.run(self.storage.uploads.close)  # waits on appends in flight
         await io_threads.run(self.storage.blobs.close)
         self.identity.release()
 
@@ -306,7 +306,7 @@ class Service:
         await self.server.stop(min(grace, 5.0))
         if self.execution is not None:
             await self.execution.close()
-        self.storage.uploads.close()
+        await io_threads.run(self.storage.uploads.close)  # waits on appends in flight
         await io_threads.run(self.storage.blobs.close)  # journalled blobs become files
         self.identity.release()
 

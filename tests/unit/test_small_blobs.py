@@ -94,3 +94,34 @@ def test_a_write_that_fails_leaves_no_temporary_file(
     assert list((tmp_path / "tmp").iterdir()) == []
     for data in datas:
         assert Path(store.hash_path(Digest.of(data).hash)).read_bytes() == data
+
+
+def test_a_rename_that_fails_leaves_no_temporary_file_and_the_rest_is_done_later(
+    store: DiskBlobStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The blobs placed before the failure are files and their journal records done; the
+    rest stay pending (served, tried again) and none of their files is left in tmp/."""
+    replace = os.replace
+    calls = 0
+
+    def fails_on_the_second(source: str, target: str) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        replace(source, target)
+
+    monkeypatch.setattr(small_blobs, "_MATERIALIZE_DELAY_S", 5.0)  # keep the thread out
+    monkeypatch.setattr(os, "replace", fails_on_the_second)
+    datas = put_small(store, 4)
+    with pytest.raises(OSError):
+        store.flush()
+    assert list((tmp_path / "tmp").iterdir()) == []
+    assert Path(store.hash_path(Digest.of(datas[0]).hash)).read_bytes() == datas[0]
+    assert all(store.read(Digest.of(data)) == data for data in datas)
+    monkeypatch.setattr(os, "replace", replace)
+    store.flush()
+    assert list((tmp_path / "tmp").iterdir()) == []
+    assert list((tmp_path / "journal").iterdir()) == []  # every record done, segment gone
+    for data in datas:
+        assert Path(store.hash_path(Digest.of(data).hash)).read_bytes() == data

@@ -98,6 +98,6 @@ class Bot:
         await self.health.stop()
         await self.execution.close()
         await self.channel.close(None)
-        self.storage.uploads.close()
+        await io_threads.run(self.storage.uploads.close)  # waits on appends in flight
         await io_threads.run(self.storage.blobs.close)  # journalled blobs become files
         self.identity.release()

@@ -102,7 +102,8 @@ class SmallBlobs:
         """Appends (hash, bytes) records to the journal in one write, if they fit in memory
         beside the blobs already waiting (PENDING_LIMIT). None if they do not, or if the
         append failed: the caller then writes them to files directly. (The room is checked
-        without the lock: concurrent appends may overshoot the limit a little.)"""
+        without the lock: concurrent appends may overshoot the limit by up to one request's
+        small blobs per CAS thread, io_threads.THREADS x server.max_message_bytes at worst.)"""
         size = sum(len(data) for _, data in records)
         if self._pending_bytes + size > PENDING_LIMIT:
             return None
@@ -199,9 +200,9 @@ class SmallBlobs:
 
     def close(self) -> None:
         """Makes every journalled blob a file (so a clean stop leaves no journal behind) and
-        stops the background thread, waiting for it: once this returns, nothing of the store
-        runs behind the caller's back (who may then remove its directory). If that fails (a
-        full disk), the journal keeps them for the next start."""
+        stops the background thread, waiting for it (a hung disk hangs this too). If making
+        the files fails (a full disk), the journal keeps them for the next start, as it does
+        a small blob that a request still running in a CAS thread stores after this."""
         try:
             self.flush()
         except OSError as error:
@@ -226,8 +227,8 @@ class SmallBlobs:
     def _write_and_place(self, batch: list[tuple[str, PendingBlob]]) -> None:
         """Writes journalled blobs to files and renames them into place (those still pending:
         another thread may have done it, or eviction dropped them, meanwhile); their journal
-        records are done once the files are (under fsync: durably) there. A write that fails
-        (a full disk) leaves none of the batch's temporary files behind."""
+        records are done once the files are (under fsync: durably) there. A write or rename
+        that fails (a full disk) leaves none of the batch's temporary files behind."""
         store = self._store
         written: list[tuple[str, PendingBlob, str, os.stat_result]] = []
         half_written = ""
@@ -251,21 +252,25 @@ class SmallBlobs:
             raise
         placed: list[str] = []
         finished: list[Segment] = []
-        leftover: list[str] = []
-        with self._lock:
-            for hash_, entry, temp, info in written:
-                if self.pending.get(hash_) is not entry:
-                    leftover.append(temp)
-                    continue
-                target = store.hash_path(hash_)
-                os.replace(temp, target)
-                placed.append(target)
-                del self.pending[hash_]
-                self._pending_bytes -= len(entry.data)
-                store._good[hash_] = signature_of(info)
-                finished.append(entry.segment)
-        for temp in leftover:
-            unlink_if_present(temp)
-        flush_directories((os.path.dirname(path) for path in placed), store.durability)
-        for segment in finished:
-            self.journal.done(segment)
+        leftover = {temp for _, _, temp, _ in written}  # until each is renamed into place
+        try:
+            with self._lock:
+                for hash_, entry, temp, info in written:
+                    if self.pending.get(hash_) is not entry:
+                        continue
+                    target = store.hash_path(hash_)
+                    os.replace(temp, target)
+                    leftover.discard(temp)
+                    placed.append(target)
+                    del self.pending[hash_]
+                    self._pending_bytes -= len(entry.data)
+                    store._good[hash_] = signature_of(info)
+                    finished.append(entry.segment)
+        finally:
+            # A rename that failed leaves the rest pending (tried again later) and removes
+            # their files; what was placed is done all the same.
+            for temp in leftover:
+                unlink_if_present(temp)
+            flush_directories((os.path.dirname(path) for path in placed), store.durability)
+            for segment in finished:
+                self.journal.done(segment)
