@@ -115,6 +115,12 @@ class Service:
         )
         self.port = 0
         self._health = HealthServicer()
+        # Health alone, in plain text, for probes that cannot speak the REAPI port's TLS.
+        self.health_port = 0
+        self._health_server: grpc.aio.Server | None = None
+        if settings.server.health_listen is not None:
+            self._health_server = grpc.aio.server()
+            health_pb2_grpc.add_HealthServicer_to_server(self._health, self._health_server)
         self.execution: ExecutionSide | None = None
         if settings.execution.enabled:
             self.execution = ExecutionSide(
@@ -256,6 +262,7 @@ class Service:
         if self.port == 0:
             raise OSError(f"cannot listen on {listen}")
         await self.server.start()
+        await self._start_health_port()
         await self._start_operator_side()
         for name in [LIVENESS, *self._service_names]:
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -275,6 +282,25 @@ class Service:
         log.info("serving REAPI v2 on %s:%d (data in %s)", host, self.port, self.settings.data_dir)
         log_protection(self.settings.server)
 
+    async def _start_health_port(self) -> None:
+        health_listen = self.settings.server.health_listen
+        if self._health_server is None or health_listen is None:
+            return
+        self.health_port = self._health_server.add_insecure_port(health_listen)
+        if self.health_port == 0:
+            raise OSError(f"cannot listen on {health_listen} (server.health_listen)")
+        await self._health_server.start()
+        log.info(
+            "health alone, in plain text, on %s:%d",
+            health_listen.rpartition(":")[0],
+            self.health_port,
+        )
+
+    async def _stop_health_port(self) -> None:
+        """Last of all: liveness must keep answering while running actions drain."""
+        if self._health_server is not None:
+            await self._health_server.stop(0)
+
     async def _execution_health(self, problem: str | None) -> None:
         """The overall status ("", what readiness probes ask) follows execution's readiness."""
         status = (
@@ -292,6 +318,7 @@ class Service:
             await self.execution.close()
         await io_threads.run(self.storage.uploads.close)  # waits on appends in flight
         await io_threads.run(self.storage.blobs.close)
+        await self._stop_health_port()
         self.identity.release()
 
     async def stop(self, grace_s: float | None = None) -> None:
@@ -308,6 +335,7 @@ class Service:
             await self.execution.close()
         await io_threads.run(self.storage.uploads.close)  # waits on appends in flight
         await io_threads.run(self.storage.blobs.close)  # journalled blobs become files
+        await self._stop_health_port()
         self.identity.release()
 
     async def wait(self) -> None:

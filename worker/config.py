@@ -80,10 +80,17 @@ class ServerSettings(Section):
     allow_insecure: bool = Field(
         False, description="serve a non-loopback listen address without authenticating clients"
     )
+    health_listen: str | None = Field(
+        None,
+        description="serve: HOST:PORT of a plain-text port with gRPC health alone, for probes "
+        "that cannot speak TLS to server.listen (Kubernetes' gRPC probe); off when unset",
+    )
 
-    @field_validator("listen")
+    @field_validator("listen", "health_listen")
     @classmethod
-    def _host_and_port(cls, value: str) -> str:
+    def _host_and_port(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
         host, sep, port = value.rpartition(":")
         if not sep or not host or not port.isdigit() or int(port) > 65535:
             raise ValueError(f"{value!r} is not HOST:PORT")
@@ -91,6 +98,8 @@ class ServerSettings(Section):
 
     @model_validator(mode="after")
     def _exposed_port_authenticates(self) -> ServerSettings:
+        if self.health_listen == self.listen and not self.listen.endswith(":0"):
+            raise ValueError("server.health_listen must not be server.listen")
         if is_loopback(self.listen) or self.allow_insecure:
             return self
         if self.auth.token_file is None and self.tls.client_ca_file is None:

@@ -349,6 +349,36 @@ def test_client_certificates_are_required_and_checked_at_the_handshake(
             assert call_capabilities(plain) == grpc.StatusCode.UNAVAILABLE
 
 
+def test_a_plain_text_health_port_answers_probes_when_the_reapi_port_has_tls(
+    tmp_path: Path, pki: Pki
+) -> None:
+    """Kubernetes' gRPC probe speaks plain TCP and sends no certificate: with TLS and client
+    certificates on the REAPI port it needs server.health_listen, which serves the same
+    health statuses and nothing else."""
+    tls = {
+        "cert_file": str(pki.server.cert_file),
+        "key_file": str(pki.server.key_file),
+        "client_ca_file": str(pki.client_ca.cert_file),
+    }
+    settings = settings_with(tmp_path, tls=tls, health_listen="127.0.0.1:0")
+    with running_service(settings) as service:
+        health_port = service.service.health_port
+        assert health_port not in (0, service.service.port)
+        with grpc.insecure_channel(f"127.0.0.1:{health_port}") as probe:
+            assert health(probe) == health_pb2.HealthCheckResponse.SERVING
+            stub = health_pb2_grpc.HealthStub(probe)
+            liveness = stub.Check(health_pb2.HealthCheckRequest(service="liveness"), timeout=30)
+            assert liveness.status == health_pb2.HealthCheckResponse.SERVING
+            for method, client_streaming, server_streaming in GUARDED_METHODS:
+                code = call_raw(probe, method, client_streaming, server_streaming, None)
+                assert code == grpc.StatusCode.UNIMPLEMENTED, method
+            # The statuses are the service's own: a drain shows on the probe's port at once.
+            service.call(service.service._health.enter_graceful_shutdown())
+            assert health(probe) == health_pb2.HealthCheckResponse.NOT_SERVING
+        with grpc.insecure_channel(service.address) as plain:
+            assert call_capabilities(plain) == grpc.StatusCode.UNAVAILABLE
+
+
 def test_renewed_server_certificate_is_served_without_a_restart(tmp_path: Path, pki: Pki) -> None:
     """cert-manager (or a rotated Secret) replaces the certificate files: the next TLS
     handshake uses the new ones."""

@@ -60,3 +60,14 @@ def test_image_pool_entries_inherit_what_they_do_not_set_from_the_default_pool()
         "agent",
     )
     assert settings.execution.pool_for("other:1").min_idle == 0
+
+
+def test_health_listen_is_host_and_port_and_not_the_reapi_address() -> None:
+    assert load_settings().server.health_listen is None
+    assert load_settings(server={"health_listen": "0.0.0.0:8981"}).server.health_listen == (
+        "0.0.0.0:8981"
+    )
+    with pytest.raises(pydantic.ValidationError, match="health_listen"):
+        load_settings(server={"health_listen": "8981"})
+    with pytest.raises(pydantic.ValidationError, match="health_listen must not be"):
+        load_settings(server={"listen": "127.0.0.1:8980", "health_listen": "127.0.0.1:8980"})
