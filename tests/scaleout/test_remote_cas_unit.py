@@ -5,18 +5,26 @@ uploads of only what the scheduler lacks."""
 from __future__ import annotations
 
 import asyncio
+import os
+import time
 from collections import Counter
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import cast
 
 import grpc
 import pytest
+from google.protobuf import any_pb2
 
 from tests.scaleout.services import free_port
+from worker.bots.leases import LeaseRunner
 from worker.bots.remote_cas import RemoteCas
+from worker.bots.rwapi import bots_pb2
 from worker.cas.disk_store import DiskBlobStore
+from worker.config import load_settings
 from worker.digests import Digest
-from worker.errors import FailedPrecondition
+from worker.errors import Cancelled, FailedPrecondition
+from worker.execution.executor import ActionExecutor
 from worker.reapi import bs_grpc, bs_pb2, re_grpc, re_pb2, status_pb2
 
 BATCH = 64 * 1024
@@ -191,3 +199,89 @@ def test_a_scheduler_without_sha256_is_refused(tmp_path: Path) -> None:
             await server.stop(None)
 
     asyncio.run(scenario())
+
+
+class SlowCas(CountingCas):
+    """Streams large blobs at about 200 KB/s: a 2 MB input takes ten seconds to arrive."""
+
+    async def Read(
+        self, request: bs_pb2.ReadRequest, context: object
+    ) -> AsyncIterator[bs_pb2.ReadResponse]:
+        hash_, size = request.resource_name.split("/")[-2:]
+        digest = Digest(hash_, int(size))
+        self.reads[digest] += 1
+        data = self.blobs[digest]
+        for start in range(0, len(data), 10_000):
+            await asyncio.sleep(0.05)
+            yield bs_pb2.ReadResponse(data=data[start : start + 10_000])
+
+
+def test_a_lease_cancelled_while_its_inputs_download_stops_the_download(tmp_path: Path) -> None:
+    """The scheduler takes a lease back (an ACTIVE lease missing from its reply) while a large
+    input is still on its way: the download stops at once, leaving no partial file, and the
+    lease ends Cancelled without running."""
+    large = os.urandom(2_000_000)
+    root = re_pb2.Directory(
+        files=[re_pb2.FileNode(name="big.bin", digest=Digest.of(large).to_proto())]
+    )
+    command = re_pb2.Command(arguments=["true"])
+    blobs = {
+        Digest.of(data): data
+        for data in (large, root.SerializeToString(), command.SerializeToString())
+    }
+    action = re_pb2.Action(
+        command_digest=Digest.of(command.SerializeToString()).to_proto(),
+        input_root_digest=Digest.of(root.SerializeToString()).to_proto(),
+    )
+    payload = any_pb2.Any()
+    payload.Pack(action)
+
+    async def scenario() -> tuple[float, SlowCas, DiskBlobStore]:
+        servicer = SlowCas(blobs)  # type: ignore[abstract]
+        server = grpc.aio.server()
+        re_grpc.add_ContentAddressableStorageServicer_to_server(servicer, server)
+        re_grpc.add_CapabilitiesServicer_to_server(servicer, server)
+        bs_grpc.add_ByteStreamServicer_to_server(servicer, server)
+        port = free_port()
+        server.add_insecure_port(f"127.0.0.1:{port}")
+        await server.start()
+        channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+        store = DiskBlobStore(tmp_path / "cas", 1 << 30)
+        remote = RemoteCas(channel, "", store)
+        try:
+            await remote.negotiate()
+            runner = LeaseRunner(
+                store,
+                remote,
+                cast(ActionExecutor, None),  # never reached: the lease ends before it runs
+                load_settings().execution,
+                "bot",
+            )
+            cancelled = asyncio.Event()
+            lease = asyncio.ensure_future(
+                runner.run(
+                    bots_pb2.Lease(id="l", payload=payload),
+                    re_pb2.ExecutedActionMetadata(),
+                    cancelled,
+                )
+            )
+            for _ in range(100):
+                if servicer.reads[Digest.of(large)]:
+                    break
+                await asyncio.sleep(0.05)
+            assert servicer.reads[Digest.of(large)] == 1, "the large input never started"
+            await asyncio.sleep(0.5)
+            cancelled.set()
+            started = time.monotonic()
+            with pytest.raises(Cancelled):
+                await asyncio.wait_for(lease, 5)
+            return time.monotonic() - started, servicer, store
+        finally:
+            await channel.close(None)
+            await server.stop(None)
+
+    seconds, _, store = asyncio.run(scenario())
+    assert seconds < 2, f"the download went on for {seconds:.1f} s after the cancel"
+    assert not store.contains(Digest.of(large))
+    assert list((tmp_path / "cas" / "tmp").iterdir()) == []
+    store.close()

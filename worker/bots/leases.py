@@ -11,7 +11,10 @@ How it ended, as the lease's status (BuildGrid's reading of it in brackets):
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+from collections.abc import Coroutine
+from typing import Any
 
 import anyio
 import grpc
@@ -134,15 +137,37 @@ class LeaseRunner:
     ) -> re_pb2.ExecuteResponse:
         action = await anyio.to_thread.run_sync(load_message, self._store, digest, re_pb2.Action)
         fetch_start = now()
-        await self._remote.fetch_action(
-            action, self._settings.max_input_depth, self._settings.max_input_entries
+        await _unless_cancelled(
+            self._remote.fetch_action(
+                action, self._settings.max_input_depth, self._settings.max_input_entries
+            ),
+            cancelled,
         )
-        if cancelled.is_set():
-            raise Cancelled("cancelled before it ran")
         response, _ = await self._executor.execute(digest, metadata, cancelled)
         # The input fetch began with the download from the scheduler, before the executor's.
         metadata.input_fetch_start_timestamp.CopyFrom(fetch_start)
         return response
+
+
+async def _unless_cancelled(fetch: Coroutine[Any, Any, None], cancelled: asyncio.Event) -> None:
+    """Runs the input download, which a cancel of the lease stops at once (a large input
+    would otherwise download to the end for nothing): Cancelled then. A download other
+    leases wait for is taken over by one of them (RemoteCas marks it abandoned)."""
+    download = asyncio.ensure_future(fetch)
+    waiting = asyncio.ensure_future(cancelled.wait())
+    try:
+        await asyncio.wait({download, waiting}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        waiting.cancel()
+        if not download.done():
+            download.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await download  # its clean-up (temporary files, waiters) is done when this is
+    if cancelled.is_set():
+        if not download.cancelled() and download.exception() is not None:
+            log.debug("input download of a cancelled lease ended: %s", download.exception())
+        raise Cancelled("cancelled while its inputs were downloading")
+    download.result()
 
 
 def _has_outputs(result: re_pb2.ActionResult) -> bool:
