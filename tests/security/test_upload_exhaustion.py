@@ -253,3 +253,37 @@ def test_a_service_with_few_descriptors_survives_a_flood_of_abandoned_uploads(
         assert process.wait(timeout=30) == 0, log.read_text()[-3000:]
     assert "Too many open files" not in log.read_text()
     assert assert_every_stored_blob_hashes_to_its_name(data_dir / "cas") == len(kept)
+
+
+def test_a_stream_of_tiny_messages_is_bounded_by_its_memory_not_its_payload(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A hostile client sends a Write as a flood of tiny messages while the disk is slow. Each
+    message is a Python object of its own in the service, so what a stream may gather counts
+    a per-message overhead (MESSAGE_OVERHEAD_BYTES): it is handed to the disk after far fewer
+    payload bytes than FLUSH_BYTES, instead of piling up ~25x its payload in memory."""
+    from worker.server.bytestream import FLUSH_BYTES, MESSAGE_OVERHEAD_BYTES
+
+    settings = load_settings(
+        data_dir=tmp_path / "data", server={"listen": "127.0.0.1:0"}, execution={"enabled": False}
+    )
+    piece = 16
+    count = 2 * FLUSH_BYTES // (piece + MESSAGE_OVERHEAD_BYTES) + 1000  # > two flushes' worth
+    data = os.urandom(piece * count)
+    with running_service(settings) as running:
+        appended: list[int] = []
+        append = running.service.storage.uploads.append
+
+        def slow_append(upload: object, offset: int, chunk: bytes) -> None:
+            appended.append(len(chunk))
+            time.sleep(0.05)
+            append(upload, offset, chunk)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(running.service.storage.uploads, "append", slow_append)
+        response = bytestream_write(running.channel, data, chunk=piece)
+        assert response.committed_size == len(data)
+        assert bytestream_read(running.channel, Digest.of(data)) == data
+    # The payload (~440 KB) never reaches FLUSH_BYTES; counted with its overhead it does,
+    # more than once, so the stream hands data over in parts, none near FLUSH_BYTES of payload.
+    assert len(appended) >= 3, appended
+    assert max(appended) < FLUSH_BYTES // 2, appended
