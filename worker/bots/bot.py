@@ -53,6 +53,12 @@ class Bot:
             self.identity.release()
             raise
         self.health = HealthPort(settings.server.listen)
+        if settings.server.health_listen is not None:
+            log.warning(
+                "server.health_listen is for `serve`; in worker mode health is on "
+                "server.listen (%s), in plain text",
+                settings.server.listen,
+            )
         self.channel = open_channel(scheduler, settings.bot.root_certificates)
         self.remote = RemoteCas(self.channel, settings.bot.instance, self.storage.blobs)
         self.loop = BotLoop(
