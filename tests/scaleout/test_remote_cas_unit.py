@@ -93,9 +93,9 @@ class CountingCas(
 
 
 async def _with_cas(
-    blobs: dict[Digest, bytes], tmp_path: Path
+    blobs: dict[Digest, bytes], tmp_path: Path, kind: type[CountingCas] = CountingCas
 ) -> tuple[grpc.aio.Server, grpc.aio.Channel, CountingCas, RemoteCas, DiskBlobStore]:
-    servicer = CountingCas(blobs)  # type: ignore[abstract]  # unused methods stay abstract
+    servicer = kind(blobs)
     server = grpc.aio.server()
     re_grpc.add_ContentAddressableStorageServicer_to_server(servicer, server)
     re_grpc.add_CapabilitiesServicer_to_server(servicer, server)
@@ -236,20 +236,13 @@ def test_a_lease_cancelled_while_its_inputs_download_stops_the_download(tmp_path
     payload = any_pb2.Any()
     payload.Pack(action)
 
-    async def scenario() -> tuple[float, SlowCas, DiskBlobStore]:
-        servicer = SlowCas(blobs)  # type: ignore[abstract]
-        server = grpc.aio.server()
-        re_grpc.add_ContentAddressableStorageServicer_to_server(servicer, server)
-        re_grpc.add_CapabilitiesServicer_to_server(servicer, server)
-        bs_grpc.add_ByteStreamServicer_to_server(servicer, server)
-        port = free_port()
-        server.add_insecure_port(f"127.0.0.1:{port}")
-        await server.start()
-        channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
-        store = DiskBlobStore(tmp_path / "cas", 1 << 30)
-        remote = RemoteCas(channel, "", store)
+    async def scenario() -> tuple[float, DiskBlobStore]:
+        server, channel, servicer, remote, store = await _with_cas(
+            blobs,
+            tmp_path,
+            SlowCas,  # type: ignore[type-abstract]  # unused methods stay abstract
+        )
         try:
-            await remote.negotiate()
             runner = LeaseRunner(
                 store,
                 remote,
@@ -275,12 +268,12 @@ def test_a_lease_cancelled_while_its_inputs_download_stops_the_download(tmp_path
             started = time.monotonic()
             with pytest.raises(Cancelled):
                 await asyncio.wait_for(lease, 5)
-            return time.monotonic() - started, servicer, store
+            return time.monotonic() - started, store
         finally:
             await channel.close(None)
             await server.stop(None)
 
-    seconds, _, store = asyncio.run(scenario())
+    seconds, store = asyncio.run(scenario())
     assert seconds < 2, f"the download went on for {seconds:.1f} s after the cancel"
     assert not store.contains(Digest.of(large))
     assert list((tmp_path / "cas" / "tmp").iterdir()) == []
