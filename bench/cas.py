@@ -190,6 +190,14 @@ def small_blobs(n: int, size: int = KiB) -> list[bytes]:
     return [os.urandom(size) for _ in range(n)]
 
 
+def batch_update_request(blobs: list[bytes]) -> re_pb2.BatchUpdateBlobsRequest:
+    return re_pb2.BatchUpdateBlobsRequest(
+        requests=[
+            re_pb2.BatchUpdateBlobsRequest.Request(digest=digest_of(b), data=b) for b in blobs
+        ]
+    )
+
+
 class Client:
     """One target, through one grpc.aio channel."""
 
@@ -202,25 +210,20 @@ class Client:
     async def close(self) -> None:
         await self.channel.close(None)
 
-    async def batch_update(self, blobs: list[bytes]) -> None:
-        request = re_pb2.BatchUpdateBlobsRequest(
-            requests=[
-                re_pb2.BatchUpdateBlobsRequest.Request(digest=digest_of(b), data=b) for b in blobs
-            ]
-        )
+    async def batch_update(self, request: re_pb2.BatchUpdateBlobsRequest) -> None:
         response = await self.cas.BatchUpdateBlobs(request)
         bad = [r.status for r in response.responses if r.status.code != 0]
-        if bad or len(response.responses) != len(blobs):
+        if bad or len(response.responses) != len(request.requests):
             raise RuntimeError(f"{self.target.name}: BatchUpdateBlobs failed: {bad[:3]}")
 
-    async def batch_read(self, digests: list[re_pb2.Digest]) -> None:
-        response = await self.cas.BatchReadBlobs(re_pb2.BatchReadBlobsRequest(digests=digests))
+    async def batch_read(self, request: re_pb2.BatchReadBlobsRequest) -> None:
+        response = await self.cas.BatchReadBlobs(request)
         sizes = [len(r.data) for r in response.responses if r.status.code == 0]
-        if sizes != [d.size_bytes for d in digests]:
+        if sizes != [d.size_bytes for d in request.digests]:
             raise RuntimeError(f"{self.target.name}: BatchReadBlobs returned short")
 
-    async def find_missing(self, digests: list[re_pb2.Digest]) -> None:
-        await self.cas.FindMissingBlobs(re_pb2.FindMissingBlobsRequest(blob_digests=digests))
+    async def find_missing(self, request: re_pb2.FindMissingBlobsRequest) -> None:
+        await self.cas.FindMissingBlobs(request)
 
     async def write(
         self, digest: re_pb2.Digest, chunks: Callable[[], AsyncIterator[bytes]]
@@ -328,13 +331,17 @@ async def small_round(clients: list[Client], samples: Samples, round_: int) -> N
     order = clients if round_ % 2 == 0 else list(reversed(clients))
     for client in order:
         name = client.target.name
+        # Requests are built before the clock starts: the figures time the calls alone.
         blobs = small_blobs(1000)
-        add(samples, "batch_update_ms", name, 1000 * await timed(client.batch_update(blobs)))
+        update = batch_update_request(blobs)
+        add(samples, "batch_update_ms", name, 1000 * await timed(client.batch_update(update)))
         digests = [digest_of(b) for b in blobs]
-        add(samples, "batch_read_ms", name, 1000 * await timed(client.batch_read(digests)))
+        read = re_pb2.BatchReadBlobsRequest(digests=digests)
+        add(samples, "batch_read_ms", name, 1000 * await timed(client.batch_read(read)))
         probe = digests * 10  # 10,000 digests, the stored ones and as many again unknown
         probe[1::2] = [digest_of(os.urandom(32)) for _ in range(len(probe) // 2)]
-        add(samples, "find_missing_10k_ms", name, 1000 * await timed(client.find_missing(probe)))
+        find = re_pb2.FindMissingBlobsRequest(blob_digests=probe)
+        add(samples, "find_missing_10k_ms", name, 1000 * await timed(client.find_missing(find)))
         for concurrency, count in [(1, SEQ_CALLS), *CONC_CALLS.items()]:
             fresh = small_blobs(count)
             rate = await calls_per_second(concurrency, fresh, client.write_small)
@@ -395,7 +402,7 @@ async def measure(targets: list[Target], work: Path) -> dict[str, Any]:
     samples: Samples = {}
     try:
         for client in clients:  # warm up channels and code paths
-            await client.batch_update(small_blobs(10))
+            await client.batch_update(batch_update_request(small_blobs(10)))
             await client.write_small(os.urandom(KiB))
         for round_ in range(SMALL_ROUNDS):
             log(f"small blobs, round {round_ + 1}/{SMALL_ROUNDS}")

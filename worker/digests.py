@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from worker.errors import InvalidArgument
 from worker.reapi import re_pb2
 
 _HEX64 = re.compile(r"[0-9a-f]{64}")
+_HEX_DIGITS = b"0123456789abcdef"
 
 MAX_SIZE = 2**63 - 1
 """The largest size a Digest can have: `size_bytes` is an int64 in the proto."""
@@ -39,6 +41,22 @@ class Digest:
         return cls(proto.hash, proto.size_bytes)
 
     @classmethod
+    def many(cls, hashes: Sequence[str], sizes: Sequence[int]) -> list[Digest]:
+        """Digests of parallel lists of hashes and sizes, validated together (a client asks
+        about thousands at a time): a fraction of what one Digest() each costs.
+        InvalidArgument names the first bad one, as Digest() would."""
+        if len(hashes) != len(sizes) or not _all_well_formed(hashes, sizes):
+            return [cls(h, s) for h, s in zip(hashes, sizes, strict=True)]
+        make, assign = object.__new__, object.__setattr__
+        digests = []
+        for hash_, size in zip(hashes, sizes, strict=True):
+            digest = make(cls)
+            assign(digest, "hash", hash_)
+            assign(digest, "size", size)
+            digests.append(digest)
+        return digests
+
+    @classmethod
     def of(cls, data: bytes) -> Digest:
         return cls(hashlib.sha256(data).hexdigest(), len(data))
 
@@ -55,6 +73,20 @@ class Digest:
 
     def __str__(self) -> str:
         return f"{self.hash}/{self.size}"
+
+
+def _all_well_formed(hashes: Sequence[str], sizes: Sequence[int]) -> bool:
+    """Whether every hash is 64 lowercase hex characters and every size an int in range:
+    the checks of Digest.__post_init__, made on the whole lists at once."""
+    try:
+        return (
+            set(map(type, sizes)) <= {int}
+            and (not sizes or (min(sizes) >= 0 and max(sizes) <= MAX_SIZE))
+            and set(map(len, hashes)) <= {64}
+            and not "".join(hashes).encode("ascii").translate(None, _HEX_DIGITS)
+        )
+    except (TypeError, UnicodeEncodeError):
+        return False
 
 
 EMPTY_DIGEST = Digest.of(b"")

@@ -80,12 +80,27 @@ def test_batch_over_the_advertised_limit_is_invalid_argument(service: RunningSer
     assert "max_batch_total_size_bytes" in (caught.value.details() or "")
 
 
-def test_bad_hash_length_is_invalid_argument(service: RunningService) -> None:
+@pytest.mark.parametrize("method", ["FindMissingBlobs", "BatchReadBlobs"])
+@pytest.mark.parametrize(
+    "bad",
+    [re_pb2.Digest(hash="abc", size_bytes=3), re_pb2.Digest(hash="A" * 64, size_bytes=3)],
+    ids=["short", "uppercase"],
+)
+def test_a_malformed_digest_among_good_ones_is_invalid_argument(
+    service: RunningService, method: str, bad: re_pb2.Digest
+) -> None:
+    """One malformed digest in a batch of thousands is found (they are checked together)."""
+    good = [Digest.of(str(i).encode()).to_proto() for i in range(2000)]
+    digests = [*good[:1000], bad, *good[1000:]]
+    request: re_pb2.FindMissingBlobsRequest | re_pb2.BatchReadBlobsRequest = (
+        re_pb2.FindMissingBlobsRequest(blob_digests=digests)
+        if method == "FindMissingBlobs"
+        else re_pb2.BatchReadBlobsRequest(digests=digests)
+    )
     with pytest.raises(grpc.RpcError) as caught:
-        cas(service).FindMissingBlobs(
-            re_pb2.FindMissingBlobsRequest(blob_digests=[re_pb2.Digest(hash="abc", size_bytes=3)])
-        )
+        getattr(cas(service), method)(request)
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "64 lowercase hex" in (caught.value.details() or "")
 
 
 def make_tree(service: RunningService, width: int) -> tuple[Digest, int]:

@@ -287,8 +287,8 @@ def test_evicting_journalled_blobs_deletes_their_journal_once_all_are_gone(
 ) -> None:
     store = DiskBlobStore(tmp_path, max_bytes=3000)
     first = [os.urandom(1000) for _ in range(3)]
-    store.put_many([(Digest.of(d), d) for d in first])
-    store.put_many([(Digest.of(d), d) for d in [os.urandom(1000) for _ in range(3)]])
+    store.put_many([(Digest.of(d).hash, len(d), d) for d in first])
+    store.put_many([(Digest.of(d).hash, len(d), d) for d in [os.urandom(1000) for _ in range(3)]])
     store.flush()
     assert not any(store.contains(Digest.of(d)) for d in first)
     assert store.total_bytes == 3000
@@ -319,7 +319,9 @@ def test_batches_larger_than_a_segment_are_stored_whole(
     store = DiskBlobStore(tmp_path, max_bytes=MiB)
     batches = [[os.urandom(1000 + i) for i in range(10)] for _ in range(4)]
     for batch in batches:
-        assert store.put_many([(Digest.of(d), d) for d in batch]) == [None] * len(batch)
+        assert store.put_many([(Digest.of(d).hash, len(d), d) for d in batch]) == [None] * len(
+            batch
+        )
     store.flush()
     assert all(store.read(Digest.of(d)) == d for batch in batches for d in batch)
     assert list((tmp_path / "journal").iterdir()) == []

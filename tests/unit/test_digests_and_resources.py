@@ -27,6 +27,38 @@ def test_digest_rejects_negative_size() -> None:
         Digest(H, -1)
 
 
+def test_many_digests_at_once_are_the_digests_one_at_a_time() -> None:
+    hashes = [f"{i:064x}" for i in range(50)]
+    sizes = list(range(50))
+    many = Digest.many(hashes, sizes)
+    assert many == [Digest(h, s) for h, s in zip(hashes, sizes, strict=True)]
+    assert {type(d) for d in many} == {Digest}
+    assert Digest.many([], []) == []
+
+
+@pytest.mark.parametrize(
+    ("bad_hash", "bad_size", "message"),
+    [
+        ("a" * 63, 1, "64 lowercase hex"),
+        ("a" * 65, 1, "64 lowercase hex"),
+        ("A" * 64, 1, "64 lowercase hex"),
+        ("g" * 64, 1, "64 lowercase hex"),
+        ("\u00e9" * 64, 1, "64 lowercase hex"),  # not ASCII
+        ("a" * 32 + "\n" + "a" * 31, 1, "64 lowercase hex"),
+        (H, -1, "negative"),
+        (H, True, "whole number"),
+    ],
+)
+def test_many_digests_reject_a_bad_one_as_one_digest_would(
+    bad_hash: str, bad_size: int, message: str
+) -> None:
+    """One bad digest among good ones is found, and named as Digest() names it (the batch
+    check looks at all of them together, then falls back to one at a time)."""
+    hashes, sizes = [H, "b" * 64, bad_hash, "c" * 64], [1, 2, bad_size, 3]
+    with pytest.raises(InvalidArgument, match=message):
+        Digest.many(hashes, sizes)
+
+
 @pytest.mark.parametrize(
     ("name", "instance"),
     [

@@ -55,6 +55,17 @@ log = logging.getLogger(__name__)
 _INSTALL_GROUP = 64
 
 
+def _not_its_digest(hash_: str, size: int, data: bytes) -> InvalidArgument:
+    """Why bytes are not the blob of the declared digest `hash_`/`size`."""
+    try:
+        declared = Digest(hash_, size)
+    except InvalidArgument as malformed:
+        return malformed
+    return InvalidArgument(
+        f"data hashes to {Digest.of(data)}, not to the declared digest {declared}"
+    )
+
+
 class DiskBlobStore:
     """Blobs live at `<root>/blobs/<hash[:2]>/<hash>`, read-only (0444).
 
@@ -185,23 +196,26 @@ class DiskBlobStore:
     def blob_count(self) -> int:
         return len(self._lru)
 
-    def find_missing(self, digests: Iterable[Digest]) -> list[Digest]:
-        missing = []
+    def find_missing(self, digests: Sequence[Digest]) -> list[Digest]:
+        return [d for d, here in zip(digests, self.present(digests), strict=True) if not here]
+
+    def present(self, digests: Sequence[Digest]) -> list[bool]:
+        """Whether each digest is stored (counted as a use of those that are)."""
+        present: list[bool] = []
         lru = self._lru
-        asked = 0
         with self._lock:  # Once for all of them: FindMissingBlobs asks about thousands.
             for digest in digests:
-                asked += 1
-                if digest.is_empty:
-                    if digest != EMPTY_DIGEST:
-                        missing.append(digest)
+                if digest.size == 0:
+                    present.append(digest == EMPTY_DIGEST)
                 elif lru.get(digest.hash) == digest.size:
                     lru.move_to_end(digest.hash)
+                    present.append(True)
                 else:
-                    missing.append(digest)
-            self.counters.lookups += asked
-            self.counters.lookup_hits += asked - len(missing)
-        return missing
+                    present.append(False)
+            hits = sum(present)
+            self.counters.lookups += len(digests)
+            self.counters.lookup_hits += hits
+        return present
 
     def find_missing_or_damaged(self, digests: Iterable[Digest]) -> list[Digest]:
         """Like find_missing, but a blob also counts as missing when its file is gone or its
@@ -441,47 +455,51 @@ class DiskBlobStore:
 
     def put(self, digest: Digest, data: bytes) -> None:
         """Stores bytes that must hash to `digest`; raises InvalidArgument if they do not."""
-        (error,) = self.put_many([(digest, data)])
+        (error,) = self.put_many([(digest.hash, digest.size, data)])
         if error is not None:
             raise error
 
-    def put_many(self, items: Sequence[tuple[Digest, bytes]]) -> list[ServiceError | None]:
+    def put_many(self, items: Sequence[tuple[str, int, bytes]]) -> list[ServiceError | None]:
         """Stores many small blobs with one pass over the index for the lot (BatchUpdateBlobs
         and ByteStream writes of small blobs): checked, written to temporary files, then
         renamed into place in groups under the lock. Returns an error or None per item;
         a blob that does not hash to its digest is InvalidArgument and nothing else fails
-        because of it."""
+        because of it.
+
+        Each item is a digest as the client declared it (hash, size: not validated
+        beforehand) and its bytes. Bytes whose SHA-256 is the declared hash and whose length
+        is the declared size prove the digest well formed, so a batch costs one hash per
+        blob and no separate validation."""
         results: list[ServiceError | None] = [None] * len(items)
         todo: list[int] = []
-        for i, (digest, data) in enumerate(items):
-            if len(data) != digest.size or hashlib.sha256(data).hexdigest() != digest.hash:
-                actual = Digest.of(data)
-                results[i] = InvalidArgument(
-                    f"data hashes to {actual}, not to the declared digest {digest}"
-                )
-            elif digest.size > self.max_bytes:
+        sha256 = hashlib.sha256
+        for i, (hash_, size, data) in enumerate(items):
+            if len(data) != size or sha256(data).hexdigest() != hash_:
+                results[i] = _not_its_digest(hash_, size, data)
+            elif size > self.max_bytes:
                 results[i] = ResourceExhausted(
-                    f"blob {digest} is larger than the whole CAS ({self.max_bytes} bytes)"
+                    f"blob {hash_}/{size} is larger than the whole CAS ({self.max_bytes} bytes)"
                 )
-            elif not digest.is_empty:
+            elif size:
                 todo.append(i)
         if not todo:
             return results
         new: list[int] = []
         seen: set[str] = set()
         with self._lock:
+            lru = self._lru
             for i in todo:
-                digest = items[i][0]
-                if self._lru.get(digest.hash) == digest.size:
-                    self._lru.move_to_end(digest.hash)
-                elif digest.hash not in seen:
-                    seen.add(digest.hash)
+                hash_, size, _ = items[i]
+                if lru.get(hash_) == size:
+                    lru.move_to_end(hash_)
+                elif hash_ not in seen:
+                    seen.add(hash_)
                     new.append(i)
         if not new:
             return results
         reservation = Reservation(self)
         try:
-            reservation.grow(sum(items[i][0].size for i in new))
+            reservation.grow(sum(items[i][1] for i in new))
         except ResourceExhausted as error:
             for i in new:
                 results[i] = error
@@ -492,7 +510,8 @@ class DiskBlobStore:
             for i in new:
                 if i in journalled:
                     continue
-                digest, data = items[i]
+                hash_, size, data = items[i]
+                digest = Digest(hash_, size)
                 temp = self._numbered_temp_path("put-")
                 try:
                     fd = os.open(temp, NEW_FILE, 0o444)
@@ -508,7 +527,8 @@ class DiskBlobStore:
                     continue
                 written.append((i, temp, info))
             placed = self._install_many(
-                [(items[i][0], temp, info) for i, temp, info in written], reservation
+                [(Digest(items[i][0], items[i][1]), temp, info) for i, temp, info in written],
+                reservation,
             )
             flush_directories((os.path.dirname(path) for path in placed), self.durability)
             written = []
@@ -523,42 +543,43 @@ class DiskBlobStore:
         return results
 
     def _journal_small(
-        self, items: Sequence[tuple[Digest, bytes]], new: list[int], reservation: Reservation
+        self, items: Sequence[tuple[str, int, bytes]], new: list[int], reservation: Reservation
     ) -> set[int]:
         """Stores the small ones of `new` through the journal: one append for all of them,
         then they are indexed (and served from memory) until the background thread has
         made them files. Returns which items it took; the others go to files directly."""
-        small = [i for i in new if items[i][0].size <= JOURNAL_MAX_BLOB]
+        small = [i for i in new if items[i][1] <= JOURNAL_MAX_BLOB]
         if not small:
             return set()
-        segment = self._small.append([(items[i][0].hash, items[i][1]) for i in small])
+        records = [(items[i][0], items[i][2]) for i in small]
+        segment = self._small.append(records)
         if segment is None:
             return set()
-        already = 0
-        keep = None
+        added: list[tuple[str, bytes]] = []
+        added_bytes = 0
         with self._lock:
             self._consume_locked(reservation)
-            for i in small:
-                digest, data = items[i]
-                stored = self._lru.get(digest.hash)
-                if stored == digest.size:  # stored by another writer meanwhile
-                    self._lru.move_to_end(digest.hash)
-                    already += 1
+            lru = self._lru
+            for hash_, data in records:
+                stored = lru.get(hash_)
+                if stored == len(data):  # stored by another writer meanwhile
+                    lru.move_to_end(hash_)
                     continue
+                lru[hash_] = len(data)  # a new key goes last, as most recently used
                 if stored is not None:  # a file of another size (torn): replaced when made
+                    lru.move_to_end(hash_)
                     self._total -= stored
-                    self._good.pop(digest.hash, None)
-                self._lru[digest.hash] = digest.size
-                self._lru.move_to_end(digest.hash)
-                self._small.add_locked(digest.hash, data, segment)
-                self._total += digest.size
-                self.counters.bytes_stored += digest.size
-                keep = digest.hash
-            evicted = self._evict_locked(keep=keep) if keep is not None else 0
-            if keep is not None:
+                    self._good.pop(hash_, None)
+                added.append((hash_, data))
+                added_bytes += len(data)
+            self._small.add_many_locked(added, segment)
+            self._total += added_bytes
+            self.counters.bytes_stored += added_bytes
+            evicted = self._evict_locked(keep=added[-1][0]) if added else 0
+            if added:
                 self._small.wake_locked()
-        if already:
-            self._small.journal.done(segment, already)
+        if len(added) < len(records):
+            self._small.journal.done(segment, len(records) - len(added))
         self._log_evicted(evicted)
         return set(small)
 

@@ -41,7 +41,7 @@ _MATERIALIZE_GROUP = 256
 _MATERIALIZE_DELAY_S = 0.05
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class PendingBlob:
     """A blob in the journal and in memory, not yet a file."""
 
@@ -113,11 +113,13 @@ class SmallBlobs:
             log.warning("CAS journal: append failed (%s); writing files directly", error)
             return None
 
-    def add_locked(self, hash_: str, data: bytes, segment: Segment) -> None:
-        """Holds a blob just appended to `segment` (and indexed by the store) until it is a
-        file (lock held)."""
-        self.pending[hash_] = PendingBlob(data, segment)
-        self._pending_bytes += len(data)
+    def add_many_locked(self, blobs: list[tuple[str, bytes]], segment: Segment) -> None:
+        """Holds blobs just appended to `segment` (and indexed by the store) until they are
+        files (lock held)."""
+        pending = self.pending
+        for hash_, data in blobs:
+            pending[hash_] = PendingBlob(data, segment)
+            self._pending_bytes += len(data)
 
     def wake_locked(self) -> None:
         """Tells the background thread there is work, starting it the first time (lock

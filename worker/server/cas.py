@@ -14,7 +14,7 @@ from google.protobuf.message import DecodeError
 from worker.cas import io_threads
 from worker.cas.disk_store import DiskBlobStore
 from worker.digests import Digest
-from worker.errors import OK_STATUS, InvalidArgument, NotFound, ServiceError, to_status_proto
+from worker.errors import OK_STATUS, InvalidArgument, NotFound, to_status_proto
 from worker.reapi import re_grpc, re_pb2
 from worker.server.rpc_errors import rpc_errors
 
@@ -54,15 +54,20 @@ class ContentAddressableStorageServicer(re_grpc.ContentAddressableStorageService
     async def FindMissingBlobs(
         self, request: re_pb2.FindMissingBlobsRequest, context: Context
     ) -> re_pb2.FindMissingBlobsResponse:
-        digests = [Digest.from_proto(d) for d in request.blob_digests]
-        # In a thread: the index's lock may be held by a writer renaming files into place.
-        missing = set(await io_threads.run(self._store.find_missing, digests))
+        # In a thread: checking thousands of digests is work the event loop should not wait
+        # on, and the index's lock may be held by a writer renaming files into place.
+        return await io_threads.run(self._find_missing, request)
+
+    def _find_missing(
+        self, request: re_pb2.FindMissingBlobsRequest
+    ) -> re_pb2.FindMissingBlobsResponse:
+        protos = list(request.blob_digests)
+        digests = Digest.many([p.hash for p in protos], [p.size_bytes for p in protos])
+        present = self._store.present(digests)
         # The request's own messages go back (no new ones to build), in the request's order.
         return re_pb2.FindMissingBlobsResponse(
             missing_blob_digests=[
-                proto
-                for proto, digest in zip(request.blob_digests, digests, strict=True)
-                if digest in missing
+                proto for proto, here in zip(protos, present, strict=True) if not here
             ]
         )
 
@@ -70,47 +75,45 @@ class ContentAddressableStorageServicer(re_grpc.ContentAddressableStorageService
     async def BatchUpdateBlobs(
         self, request: re_pb2.BatchUpdateBlobsRequest, context: Context
     ) -> re_pb2.BatchUpdateBlobsResponse:
-        _check_batch_size(sum(len(r.data) for r in request.requests), self._max_batch)
-        # The disk work of the whole batch is one worker thread call.
+        # The whole batch is one worker thread call: reading its fields out of the request
+        # copies every blob, which the event loop should not spend its time on either.
         return await io_threads.run(self._update_all, request)
 
     def _update_all(
         self, request: re_pb2.BatchUpdateBlobsRequest
     ) -> re_pb2.BatchUpdateBlobsResponse:
-        items: list[tuple[Digest, bytes]] = []
-        where: list[int] = []  # index into items of each request, -1 if its digest is bad
-        errors: dict[int, ServiceError] = {}
-        for i, item in enumerate(request.requests):
-            try:
-                digest = Digest.from_proto(item.digest)
-            except InvalidArgument as bad:
-                errors[i] = bad
-                where.append(-1)
-                continue
-            where.append(len(items))
-            items.append((digest, item.data))
+        items: list[tuple[str, int, bytes]] = []
+        for item in request.requests:
+            digest = item.digest
+            items.append((digest.hash, digest.size_bytes, item.data))
+        _check_batch_size(sum(len(data) for _, _, data in items), self._max_batch)
         results = self._store.put_many(items)
         response = re_pb2.BatchUpdateBlobsResponse()
-        for i, item in enumerate(request.requests):
-            failure = errors.get(i) if where[i] < 0 else results[where[i]]
-            status = OK_STATUS if failure is None else to_status_proto(failure)
-            response.responses.add(digest=item.digest, status=status)
+        answer = re_pb2.BatchUpdateBlobsResponse.Response
+        response.responses.extend(
+            [
+                answer(
+                    digest=item.digest,
+                    status=OK_STATUS if failure is None else to_status_proto(failure),
+                )
+                for item, failure in zip(request.requests, results, strict=True)
+            ]
+        )
         return response
 
     @rpc_errors
     async def BatchReadBlobs(
         self, request: re_pb2.BatchReadBlobsRequest, context: Context
     ) -> re_pb2.BatchReadBlobsResponse:
-        digests = [Digest.from_proto(d) for d in request.digests]
-        _check_batch_size(sum(d.size for d in digests), self._max_batch)
-        return await io_threads.run(self._read_all, request, digests)
+        return await io_threads.run(self._read_all, request)
 
-    def _read_all(
-        self, request: re_pb2.BatchReadBlobsRequest, digests: list[Digest]
-    ) -> re_pb2.BatchReadBlobsResponse:
+    def _read_all(self, request: re_pb2.BatchReadBlobsRequest) -> re_pb2.BatchReadBlobsResponse:
         """Every blob read and checked against its digest (a damaged one is DATA_LOSS)."""
+        protos = list(request.digests)
+        digests = Digest.many([p.hash for p in protos], [p.size_bytes for p in protos])
+        _check_batch_size(sum(d.size for d in digests), self._max_batch)
         response = re_pb2.BatchReadBlobsResponse()
-        for proto, result in zip(request.digests, self._store.read_many(digests), strict=True):
+        for proto, result in zip(protos, self._store.read_many(digests), strict=True):
             if isinstance(result, bytes):
                 response.responses.add(digest=proto, data=result, status=OK_STATUS)
             else:
