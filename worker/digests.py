@@ -42,9 +42,9 @@ class Digest:
 
     @classmethod
     def many(cls, hashes: Sequence[str], sizes: Sequence[int]) -> list[Digest]:
-        """Digests of parallel lists of hashes and sizes, validated together (a client asks
-        about thousands at a time): a fraction of what one Digest() each costs.
-        InvalidArgument names the first bad one, as Digest() would."""
+        """Digests of parallel lists of hashes and sizes (of the same length), validated
+        together (a client asks about thousands at a time): a fraction of what one Digest()
+        each costs. InvalidArgument names the first bad one, as Digest() would."""
         if len(hashes) != len(sizes) or not _all_well_formed(hashes, sizes):
             return [cls(h, s) for h, s in zip(hashes, sizes, strict=True)]
         make, assign = object.__new__, object.__setattr__
@@ -80,7 +80,8 @@ def _all_well_formed(hashes: Sequence[str], sizes: Sequence[int]) -> bool:
     the checks of Digest.__post_init__, made on the whole lists at once."""
     try:
         return (
-            set(map(type, sizes)) <= {int}
+            set(map(type, hashes)) <= {str}
+            and set(map(type, sizes)) <= {int}
             and (not sizes or (min(sizes) >= 0 and max(sizes) <= MAX_SIZE))
             and set(map(len, hashes)) <= {64}
             and not "".join(hashes).encode("ascii").translate(None, _HEX_DIGITS)

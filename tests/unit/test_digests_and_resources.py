@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from enum import IntEnum
 
 import pytest
 
@@ -34,6 +35,39 @@ def test_many_digests_at_once_are_the_digests_one_at_a_time() -> None:
     assert many == [Digest(h, s) for h, s in zip(hashes, sizes, strict=True)]
     assert {type(d) for d in many} == {Digest}
     assert Digest.many([], []) == []
+
+
+def test_many_good_digests_are_checked_together_not_one_by_one(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The point of Digest.many: a batch of good digests never runs the one-digest check."""
+    checked = 0
+    one_by_one = Digest.__post_init__
+
+    def counting(self: Digest) -> None:
+        nonlocal checked
+        checked += 1
+        one_by_one(self)
+
+    monkeypatch.setattr(Digest, "__post_init__", counting)
+    assert len(Digest.many([H] * 100, [1] * 100)) == 100
+    assert checked == 0
+    with pytest.raises(InvalidArgument):
+        Digest.many([H, "A" * 64], [1, 1])
+    assert checked > 0  # a bad batch falls back to the one-digest check, which names it
+
+
+class Size(IntEnum):
+    SMALL = 5
+
+
+def test_many_digests_accept_and_reject_what_one_digest_does_at_the_edges() -> None:
+    assert Digest.many([H], [Size.SMALL]) == [Digest(H, 5)]  # an int, though not exactly
+    assert Digest.many([H], [2**63 - 1]) == [Digest(H, 2**63 - 1)]
+    with pytest.raises(InvalidArgument, match="larger than"):
+        Digest.many([H], [2**63])
+    with pytest.raises(InvalidArgument, match="64 lowercase hex"):
+        Digest.many([None], [1])  # type: ignore[list-item]
 
 
 @pytest.mark.parametrize(

@@ -28,6 +28,13 @@ CLIENT_DEFAULT_RECEIVE_BYTES = 4 * MiB
 GET_TREE_MARGIN_BYTES = 64 * 1024
 
 
+def _digest_or_error(hash_: str, size: int) -> Digest | InvalidArgument:
+    try:
+        return Digest(hash_, size)
+    except InvalidArgument as malformed:
+        return malformed
+
+
 def _check_batch_size(total: int, limit: int) -> None:
     if total > limit:
         raise InvalidArgument(
@@ -108,12 +115,22 @@ class ContentAddressableStorageServicer(re_grpc.ContentAddressableStorageService
         return await io_threads.run(self._read_all, request)
 
     def _read_all(self, request: re_pb2.BatchReadBlobsRequest) -> re_pb2.BatchReadBlobsResponse:
-        """Every blob read and checked against its digest (a damaged one is DATA_LOSS)."""
+        """Every blob read and checked against its digest (a damaged one is DATA_LOSS). A
+        malformed digest is INVALID_ARGUMENT in its own status, like every other error of
+        one read (REAPI: "Every error on individual read will be returned in the
+        corresponding digest status")."""
         protos = list(request.digests)
-        digests = Digest.many([p.hash for p in protos], [p.size_bytes for p in protos])
-        _check_batch_size(sum(d.size for d in digests), self._max_batch)
+        hashes, sizes = [p.hash for p in protos], [p.size_bytes for p in protos]
+        try:
+            digests: list[Digest | InvalidArgument] = list(Digest.many(hashes, sizes))
+        except InvalidArgument:
+            digests = [_digest_or_error(h, s) for h, s in zip(hashes, sizes, strict=True)]
+        wanted = [d for d in digests if isinstance(d, Digest)]
+        _check_batch_size(sum(d.size for d in wanted), self._max_batch)
+        results = iter(self._store.read_many(wanted))
         response = re_pb2.BatchReadBlobsResponse()
-        for proto, result in zip(protos, self._store.read_many(digests), strict=True):
+        for proto, digest in zip(protos, digests, strict=True):
+            result = next(results) if isinstance(digest, Digest) else digest
             if isinstance(result, bytes):
                 response.responses.add(digest=proto, data=result, status=OK_STATUS)
             else:
