@@ -29,7 +29,8 @@ from worker.identity import claim_data_dir
 from worker.metrics.http import MetricsEndpoint
 from worker.metrics.interceptor import RequestCounter
 from worker.metrics.service_metrics import ServiceMetrics
-from worker.reapi import bs_grpc, bs_pb2, ops_grpc, ops_pb2, re_grpc, re_pb2
+from worker.reapi import bs_pb2, ops_grpc, ops_pb2, re_grpc, re_pb2
+from worker.server import bytestream
 from worker.server.action_cache import ActionCacheServicer
 from worker.server.auth import (
     BearerTokenInterceptor,
@@ -150,9 +151,7 @@ class Service:
             ),
             server,
         )
-        bs_grpc.add_ByteStreamServicer_to_server(
-            ByteStreamServicer(storage.blobs, storage.uploads), server
-        )
+        bytestream.add_to_server(ByteStreamServicer(storage.blobs, storage.uploads), server)
         re_grpc.add_ActionCacheServicer_to_server(
             ActionCacheServicer(storage.action_cache, storage.blobs), server
         )

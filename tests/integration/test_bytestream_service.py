@@ -18,7 +18,7 @@ from tests.reapi_client import bytestream_read, bytestream_write, upload_batch, 
 from tests.serving import RunningService
 from worker.digests import Digest
 from worker.reapi import bs_grpc, bs_pb2, re_grpc, re_pb2
-from worker.server.bytestream import BUFFER_BYTES, READ_CHUNK_BYTES
+from worker.server.bytestream import BUFFER_BYTES, READ_CHUNK_BYTES, encode_read_response
 
 DATA = os.urandom(3 * 1024 * 1024 + 17)
 DIGEST = Digest.of(DATA)
@@ -47,6 +47,16 @@ def test_read_streams_in_chunks_and_honours_offset_and_limit(service: RunningSer
     assert bytestream_read(service.channel, DIGEST, offset=1000, limit=5000) == DATA[1000:6000]
     assert bytestream_read(service.channel, DIGEST, offset=len(DATA)) == b""
     assert bytestream_read(service.channel, DIGEST, offset=len(DATA) - 3, limit=100) == DATA[-3:]
+
+
+@pytest.mark.parametrize("size", [0, 1, 127, 128, 16383, 16384, 2**21 - 1, 2**21, READ_CHUNK_BYTES])
+def test_read_responses_encoded_directly_are_what_protobuf_encodes(size: int) -> None:
+    """Read yields its responses already encoded; they must be byte for byte what protobuf
+    makes of ReadResponse(data=...), at every length where the length prefix grows."""
+    data = os.urandom(size)
+    encoded = encode_read_response(data)
+    assert encoded == bs_pb2.ReadResponse(data=data).SerializeToString()
+    assert bs_pb2.ReadResponse.FromString(encoded).data == data
 
 
 def test_read_past_the_end_is_out_of_range(service: RunningService) -> None:

@@ -20,7 +20,7 @@ from worker.cas.reader import BlobReader
 from worker.cas.uploads import PartialUpload, UploadEnded, UploadTracker
 from worker.digests import Digest
 from worker.errors import InvalidArgument, OutOfRange
-from worker.reapi import bs_grpc, bs_pb2
+from worker.reapi import bs_pb2
 from worker.resources import WriteResource, parse_read_resource, parse_write_resource
 from worker.server.rpc_errors import rpc_errors
 
@@ -30,6 +30,8 @@ Context = grpc.aio.ServicerContext[Any, Any]
 # 1 MiB messages streamed about twice as fast as 2 or 3 MiB ones (and clients accept 4 MiB
 # messages by default, so this stays well below that).
 READ_CHUNK_BYTES = 1 << 20
+_READ_DATA_TAG = bytes([10 << 3 | 2])  # ReadResponse.data: field 10, length delimited
+SERVICE = bs_pb2.DESCRIPTOR.services_by_name["ByteStream"].full_name
 # Chunks of one Write stream are gathered up to this size before they go to disk: one worker
 # thread call and one open/write/close per megabyte, not per (often 16 KiB) message. What is
 # gathered but not yet written is lost if the stream breaks; ByteStream allows that, the
@@ -74,35 +76,37 @@ class _Pending:
         return offset, data
 
 
-class ByteStreamServicer(bs_grpc.ByteStreamServicer):
+class ByteStreamServicer:
+    """ByteStream for the CAS; served with add_to_server (Read yields encoded responses)."""
+
     def __init__(self, store: DiskBlobStore, uploads: UploadTracker) -> None:
         self._store = store
         self._uploads = uploads
 
     @rpc_errors
-    async def Read(
-        self, request: bs_pb2.ReadRequest, context: Context
-    ) -> AsyncIterator[bs_pb2.ReadResponse]:
+    async def Read(self, request: bs_pb2.ReadRequest, context: Context) -> AsyncIterator[bytes]:
+        """Streams the blob in chunks of READ_CHUNK_BYTES, each response already encoded
+        (encode_read_response, in the worker thread that read the chunk)."""
         digest = parse_read_resource(request.resource_name).digest
         if request.read_offset < 0 or request.read_offset > digest.size:
             raise OutOfRange(f"read_offset {request.read_offset} is outside blob {digest}")
         if request.read_limit < 0:
             raise InvalidArgument(f"read_limit {request.read_limit} is negative")
-        reader, chunk = await io_threads.run(
+        reader, message = await io_threads.run(
             _open_reader, self._store, digest, request.read_offset, request.read_limit
         )
-        ahead: asyncio.Future[bytes] | None = None
+        ahead: asyncio.Future[bytes | None] | None = None
         try:
-            while chunk:
+            while message is not None:
                 ahead = None
                 # Read the next chunk (and hash it) while this one is on its way.
                 if reader.remaining:
-                    ahead = io_threads.submit(reader.read, READ_CHUNK_BYTES)
+                    ahead = io_threads.submit(_next_message, reader)
                     ahead.add_done_callback(_retrieve)
-                yield bs_pb2.ReadResponse(data=chunk)
+                yield message
                 if ahead is None:
                     break
-                chunk = await ahead
+                message = await ahead
                 ahead = None
         finally:
             if ahead is not None and not ahead.done():
@@ -233,14 +237,68 @@ class ByteStreamServicer(bs_grpc.ByteStreamServicer):
 
 def _open_reader(
     store: DiskBlobStore, digest: Digest, offset: int, limit: int
-) -> tuple[BlobReader, bytes]:
-    """Opens a checked read and reads its first chunk, in one thread call."""
+) -> tuple[BlobReader, bytes | None]:
+    """Opens a checked read and reads its first response, in one thread call."""
     reader = BlobReader(store, digest, offset, limit)
     try:
-        return reader, reader.read(READ_CHUNK_BYTES)
+        return reader, _next_message(reader)
     except BaseException:
         reader.close()
         raise
+
+
+def _next_message(reader: BlobReader) -> bytes | None:
+    """The next ReadResponse of a read, encoded; None at the end."""
+    chunk = reader.read(READ_CHUNK_BYTES)
+    return encode_read_response(chunk) if chunk else None
+
+
+def encode_read_response(data: bytes) -> bytes:
+    """The wire form of ReadResponse(data=data): its one field, `data` (number 10, length
+    delimited). Built directly, the chunk is copied once into the message; through a
+    ReadResponse object it would be copied in and then out again."""
+    if not data:
+        return b""  # proto3 leaves an empty field out
+    return _READ_DATA_TAG + _varint(len(data)) + data
+
+
+def _varint(n: int) -> bytes:
+    encoded = bytearray()
+    while n >= 0x80:
+        encoded.append(n & 0x7F | 0x80)
+        n >>= 7
+    encoded.append(n)
+    return bytes(encoded)
+
+
+def _already_encoded(message: bytes) -> bytes:
+    return message
+
+
+def add_to_server(servicer: ByteStreamServicer, server: grpc.aio.Server) -> None:
+    """Serves ByteStream as the generated add_ByteStreamServicer_to_server would, except
+    that Read's responses are the bytes Read yields (encode_read_response)."""
+    handlers = {
+        "Read": grpc.unary_stream_rpc_method_handler(
+            servicer.Read,
+            request_deserializer=bs_pb2.ReadRequest.FromString,
+            response_serializer=_already_encoded,
+        ),
+        "Write": grpc.stream_unary_rpc_method_handler(
+            servicer.Write,
+            request_deserializer=bs_pb2.WriteRequest.FromString,
+            response_serializer=bs_pb2.WriteResponse.SerializeToString,
+        ),
+        "QueryWriteStatus": grpc.unary_unary_rpc_method_handler(
+            servicer.QueryWriteStatus,
+            request_deserializer=bs_pb2.QueryWriteStatusRequest.FromString,
+            response_serializer=bs_pb2.QueryWriteStatusResponse.SerializeToString,
+        ),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
+    # As generated code does (grpcio >= 1.62: the server finds these without a lookup; the
+    # type stubs do not know the method yet).
+    server.add_registered_method_handlers(SERVICE, handlers)  # type: ignore[attr-defined]
 
 
 def _retrieve(future: asyncio.Future[Any]) -> None:
