@@ -96,81 +96,48 @@ def test_batch_read_over_the_advertised_limit_is_invalid_argument(
     assert "max_batch_total_size_bytes" in (caught.value.details() or "")
 
 
+def batch_request(
+    method: str, digests: list[re_pb2.Digest]
+) -> re_pb2.FindMissingBlobsRequest | re_pb2.BatchReadBlobsRequest | re_pb2.BatchUpdateBlobsRequest:
+    if method == "FindMissingBlobs":
+        return re_pb2.FindMissingBlobsRequest(blob_digests=digests)
+    if method == "BatchReadBlobs":
+        return re_pb2.BatchReadBlobsRequest(digests=digests)
+    return re_pb2.BatchUpdateBlobsRequest(
+        requests=[re_pb2.BatchUpdateBlobsRequest.Request(digest=d, data=b"x") for d in digests]
+    )
+
+
+BATCH_METHODS = ["FindMissingBlobs", "BatchReadBlobs", "BatchUpdateBlobs"]
+
+
+@pytest.mark.parametrize("method", BATCH_METHODS)
 @pytest.mark.parametrize(
-    "bad",
-    [re_pb2.Digest(hash="abc", size_bytes=3), re_pb2.Digest(hash="A" * 64, size_bytes=3)],
-    ids=["short", "uppercase"],
+    ("bad", "message"),
+    [
+        (re_pb2.Digest(hash="abc", size_bytes=3), "64 lowercase hex"),
+        (re_pb2.Digest(hash="A" * 64, size_bytes=3), "64 lowercase hex"),
+        (re_pb2.Digest(hash="a" * 64, size_bytes=-1), "negative"),
+    ],
+    ids=["short", "uppercase", "negative-size"],
 )
-def test_a_malformed_digest_among_good_ones_fails_find_missing(
-    service: RunningService, bad: re_pb2.Digest
+def test_a_malformed_digest_among_good_ones_fails_the_whole_batch(
+    service: RunningService, method: str, bad: re_pb2.Digest, message: str
 ) -> None:
-    """One malformed digest in a batch of thousands is found (they are checked together).
-    FindMissingBlobs has no per-digest status, so the whole call is INVALID_ARGUMENT."""
+    """One malformed digest in a batch of thousands is found (they are checked together) and
+    fails the call with INVALID_ARGUMENT naming it, before anything is stored or read. (Errors
+    of well formed digests stay per entry: not found, damaged, data that does not match.)"""
     good = [Digest.of(str(i).encode()).to_proto() for i in range(2000)]
     with pytest.raises(grpc.RpcError) as caught:
-        cas(service).FindMissingBlobs(
-            re_pb2.FindMissingBlobsRequest(blob_digests=[*good[:1000], bad, *good[1000:]])
-        )
+        getattr(cas(service), method)(batch_request(method, [*good[:1000], bad, *good[1000:]]))
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "64 lowercase hex" in (caught.value.details() or "")
-
-
-def test_a_malformed_digest_in_a_batch_read_fails_only_that_read(
-    service: RunningService,
-) -> None:
-    """REAPI, BatchReadBlobs: "Every error on individual read will be returned in the
-    corresponding digest status"; a malformed digest is one read's error."""
-    (stored,) = upload_batch(service.channel, b"stored")
-    digests = [
-        stored.to_proto(),
-        re_pb2.Digest(hash="A" * 64, size_bytes=3),
-        re_pb2.Digest(hash=stored.hash, size_bytes=-1),
-        Digest.of(b"never uploaded").to_proto(),
-    ]
-    response = cas(service).BatchReadBlobs(re_pb2.BatchReadBlobsRequest(digests=digests))
-    assert [r.digest for r in response.responses] == digests
-    assert [(r.data, r.status.code) for r in response.responses] == [
-        (b"stored", 0),
-        (b"", grpc.StatusCode.INVALID_ARGUMENT.value[0]),
-        (b"", grpc.StatusCode.INVALID_ARGUMENT.value[0]),
-        (b"", grpc.StatusCode.NOT_FOUND.value[0]),
-    ]
-    assert "64 lowercase hex" in response.responses[1].status.message
-    assert "negative" in response.responses[2].status.message
-
-
-def test_a_malformed_declared_digest_in_a_batch_update_fails_only_that_blob(
-    service: RunningService,
-) -> None:
-    """The server checks a declared digest by hashing the data against it: a malformed one
-    (which no data hashes to) gets its own INVALID_ARGUMENT naming what is wrong with it, and
-    the good blob beside it is stored."""
-    data = b"some data"
-    real = Digest.of(data)
-    requests = [
-        (re_pb2.Digest(hash=real.hash.upper(), size_bytes=real.size), "64 lowercase hex"),
-        (re_pb2.Digest(hash=real.hash[:40], size_bytes=real.size), "64 lowercase hex"),
-        (re_pb2.Digest(hash=real.hash, size_bytes=-1), "negative"),
-        (re_pb2.Digest(hash=real.hash, size_bytes=real.size + 1), "hashes to"),
-        (real.to_proto(), None),
-    ]
-    response = cas(service).BatchUpdateBlobs(
-        re_pb2.BatchUpdateBlobsRequest(
-            requests=[
-                re_pb2.BatchUpdateBlobsRequest.Request(digest=digest, data=data)
-                for digest, _ in requests
-            ]
+    assert message in (caught.value.details() or "")
+    if method == "BatchUpdateBlobs":  # nothing of the batch was stored
+        stored = Digest.of(b"x").to_proto()
+        missing = cas(service).FindMissingBlobs(
+            re_pb2.FindMissingBlobsRequest(blob_digests=[stored])
         )
-    )
-    for answer, (digest, message) in zip(response.responses, requests, strict=True):
-        assert answer.digest == digest
-        if message is None:
-            assert answer.status.code == 0
-        else:
-            assert answer.status.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
-            assert message in answer.status.message
-    stored = cas(service).BatchReadBlobs(re_pb2.BatchReadBlobsRequest(digests=[real.to_proto()]))
-    assert stored.responses[0].data == data
+        assert list(missing.missing_blob_digests) == [stored]
 
 
 def make_tree(service: RunningService, width: int) -> tuple[Digest, int]:

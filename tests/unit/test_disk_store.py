@@ -47,6 +47,27 @@ def test_put_with_wrong_digest_is_rejected_and_nothing_is_stored(tmp_path: Path)
     assert list((tmp_path / "tmp").iterdir()) == []
 
 
+def test_put_many_names_what_is_wrong_with_a_malformed_declared_digest(tmp_path: Path) -> None:
+    """put_many takes digests as declared (unchecked): one no data can hash to is refused with
+    what Digest() says of it, a mismatch with what the data hashes to, and the rest stored."""
+    store = DiskBlobStore(tmp_path, max_bytes=MiB)
+    real = Digest.of(b"data")
+    results = store.put_many(
+        [
+            (real.hash.upper(), real.size, b"data"),
+            (real.hash, -1, b"data"),
+            (real.hash, real.size + 1, b"data"),
+            (real.hash, real.size, b"data"),
+        ]
+    )
+    messages = [str(r) if r is not None else None for r in results]
+    assert "64 lowercase hex" in str(messages[0]) and "negative" in str(messages[1])
+    assert "hashes to" in str(messages[2]) and messages[3] is None
+    assert all(isinstance(r, InvalidArgument) for r in results[:3])
+    assert store.read(real) == b"data"
+    store.close()
+
+
 def test_size_mismatch_is_a_different_blob(tmp_path: Path) -> None:
     store = DiskBlobStore(tmp_path, max_bytes=MiB)
     digest = Digest.of(b"hello")
