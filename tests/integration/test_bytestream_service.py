@@ -66,9 +66,14 @@ def test_read_past_the_end_is_out_of_range(service: RunningService) -> None:
     assert caught.value.code() == grpc.StatusCode.OUT_OF_RANGE
 
 
-def test_read_of_missing_blob_is_not_found(service: RunningService) -> None:
+@pytest.mark.parametrize(("offset", "limit"), [(0, 0), (4, 0), (4, 10), (2, 0)])
+def test_read_of_missing_blob_is_not_found(
+    service: RunningService, offset: int, limit: int
+) -> None:
+    """Even at its end (read_offset == size), where there is nothing to read: a missing blob
+    is NOT_FOUND, not an empty success."""
     with pytest.raises(grpc.RpcError) as caught:
-        bytestream_read(service.channel, Digest.of(b"nope"))
+        bytestream_read(service.channel, Digest.of(b"nope"), offset=offset, limit=limit)
     assert caught.value.code() == grpc.StatusCode.NOT_FOUND
 
 

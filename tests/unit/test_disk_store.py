@@ -68,6 +68,23 @@ def test_put_many_names_what_is_wrong_with_a_malformed_declared_digest(tmp_path:
     store.close()
 
 
+def test_a_blob_sent_twice_in_one_batch_fares_the_same_both_times(tmp_path: Path) -> None:
+    """put_many stores each distinct blob once; a repeat gets the first one's outcome, also
+    when that is a failure (here: no room for both blobs of the batch)."""
+    store = DiskBlobStore(tmp_path, max_bytes=MiB)
+    a, b = os.urandom(600_000), os.urandom(600_000)
+
+    def item(data: bytes) -> tuple[str, int, bytes]:
+        return Digest.of(data).hash, len(data), data
+
+    results = store.put_many([item(a), item(b), item(a)])
+    assert [type(r) for r in results] == [ResourceExhausted] * 3
+    assert not store.contains(Digest.of(a)) and not store.contains(Digest.of(b))
+    assert store.put_many([item(a), item(a)]) == [None, None]
+    assert store.read(Digest.of(a)) == a
+    store.close()
+
+
 def test_size_mismatch_is_a_different_blob(tmp_path: Path) -> None:
     store = DiskBlobStore(tmp_path, max_bytes=MiB)
     digest = Digest.of(b"hello")

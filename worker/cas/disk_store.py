@@ -485,25 +485,40 @@ class DiskBlobStore:
         if not todo:
             return results
         new: list[int] = []
-        seen: set[str] = set()
+        first: dict[str, int] = {}  # hash -> the item that stores it
+        repeats: list[tuple[int, int]] = []  # (item, the earlier item of the same blob)
         with self._lock:
             lru = self._lru
             for i in todo:
                 hash_, size, _ = items[i]
                 if lru.get(hash_) == size:
                     lru.move_to_end(hash_)
-                elif hash_ not in seen:
-                    seen.add(hash_)
+                elif hash_ in first:
+                    repeats.append((i, first[hash_]))
+                else:
+                    first[hash_] = i
                     new.append(i)
-        if not new:
-            return results
+        if new:
+            self._store_new(items, new, results)
+        for i, earlier in repeats:  # a blob sent twice fares the same both times
+            results[i] = results[earlier]
+        return results
+
+    def _store_new(
+        self,
+        items: Sequence[tuple[str, int, bytes]],
+        new: list[int],
+        results: list[ServiceError | None],
+    ) -> None:
+        """Stores the checked, distinct, not yet stored items `new` of a put_many, setting
+        their entries of `results` for those that fail."""
         reservation = Reservation(self)
         try:
             reservation.grow(sum(items[i][1] for i in new))
         except ResourceExhausted as error:
             for i in new:
                 results[i] = error
-            return results
+            return
         journalled = self._journal_small(items, new, reservation)
         written: list[tuple[int, str, os.stat_result]] = []
         try:
@@ -540,7 +555,6 @@ class DiskBlobStore:
             reservation.release()
             for _, temp, _ in written:
                 unlink_if_present(temp)
-        return results
 
     def _journal_small(
         self, items: Sequence[tuple[str, int, bytes]], new: list[int], reservation: Reservation

@@ -34,6 +34,8 @@ class BlobReader:
         self._hasher = hashlib.sha256() if whole else None
         if digest.is_empty and digest != EMPTY_DIGEST:
             raise NotFound(f"blob {digest} is not in the CAS")
+        if not digest.is_empty and self.remaining <= 0 and not store.contains(digest):
+            raise NotFound(f"blob {digest} is not in the CAS")  # even with nothing to read
         if digest.is_empty or self.remaining <= 0:
             self.remaining = 0
             return

@@ -92,9 +92,16 @@ class ByteStreamServicer:
             raise OutOfRange(f"read_offset {request.read_offset} is outside blob {digest}")
         if request.read_limit < 0:
             raise InvalidArgument(f"read_limit {request.read_limit} is negative")
-        reader, message = await io_threads.run(
+        opening = io_threads.submit(
             _open_reader, self._store, digest, request.read_offset, request.read_limit
         )
+        try:
+            reader, message = await asyncio.shield(opening)
+        except asyncio.CancelledError:
+            # The client went away while a thread opens the blob: what it opens is closed
+            # when it is done (cancelled, it would be dropped with its file left open).
+            opening.add_done_callback(_close_opened)
+            raise
         ahead: asyncio.Future[bytes | None] | None = None
         try:
             while message is not None:
@@ -245,6 +252,11 @@ def _open_reader(
     except BaseException:
         reader.close()
         raise
+
+
+def _close_opened(opening: asyncio.Future[tuple[BlobReader, bytes | None]]) -> None:
+    if not opening.cancelled() and opening.exception() is None:
+        opening.result()[0].close()
 
 
 def _next_message(reader: BlobReader) -> bytes | None:
