@@ -223,7 +223,22 @@ def test_the_loop_echoes_versions_reports_at_once_and_cancels_dropped_leases(
         return servicer, runner, bot
 
     servicer, runner, bot = asyncio.run(scenario())
-    first = servicer.updates[0]
+    # An update may already be on its way when lease one finishes: it is interrupted and the
+    # result goes at once in the next one, but the scheduler may have seen the first (on a
+    # loaded machine it did). The report is the first update that carries the result; any
+    # before it only said the lease was running.
+    reports = [
+        i
+        for i, update in enumerate(servicer.updates)
+        if ("i/one", LeaseState.COMPLETED)
+        in [(lease.id, lease.state) for lease in update.bot_session.leases]
+    ]
+    start = reports[0]
+    for early in servicer.updates[:start]:
+        assert [(lease.id, lease.state) for lease in early.bot_session.leases] == [
+            ("i/one", LeaseState.ACTIVE)
+        ]
+    first = servicer.updates[start]
     assert first.name == "farm/session-1"
     assert first.bot_session.version == "1"  # echoed from CreateBotSession
     (reported,) = first.bot_session.leases
@@ -232,14 +247,16 @@ def test_the_loop_echoes_versions_reports_at_once_and_cancels_dropped_leases(
     assert reported.result.Unpack(result)
     assert result.execution_metadata.worker == "fake"
     # After the report came version 2 and lease two, reported ACTIVE with that version.
-    second = servicer.updates[1]
+    second = servicer.updates[start + 1]
     assert second.bot_session.version == "2"
     assert [(lease.id, lease.state) for lease in second.bot_session.leases] == [
         ("i/two", LeaseState.ACTIVE)
     ]
     # Lease two, dropped by the scheduler, was cancelled and never reported as finished.
     assert runner.cancelled == ["i/two"]
-    later = [lease.id for update in servicer.updates[3:] for lease in update.bot_session.leases]
+    later = [
+        lease.id for update in servicer.updates[start + 3 :] for lease in update.bot_session.leases
+    ]
     assert "i/two" not in later
     assert servicer.updates[-1].bot_session.status == bots_pb2.BotStatus.BOT_TERMINATING
     assert first.bot_session.status == bots_pb2.BotStatus.OK
