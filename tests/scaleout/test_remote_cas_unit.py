@@ -35,6 +35,9 @@ class CountingCas(
     re_grpc.CapabilitiesServicer,
     bs_grpc.ByteStreamServicer,
 ):
+    # Pause before each 10,000-byte ByteStream chunk (SlowCas sets one).
+    CHUNK_PAUSE_S = 0.0
+
     def __init__(self, blobs: dict[Digest, bytes]) -> None:
         self.blobs = blobs
         self.reads: Counter[Digest] = Counter()
@@ -71,6 +74,8 @@ class CountingCas(
         self.reads[digest] += 1
         data = self.blobs[digest]
         for start in range(0, len(data), 10_000):
+            if self.CHUNK_PAUSE_S:
+                await asyncio.sleep(self.CHUNK_PAUSE_S)
             yield bs_pb2.ReadResponse(data=data[start : start + 10_000])
 
     async def FindMissingBlobs(
@@ -204,16 +209,7 @@ def test_a_scheduler_without_sha256_is_refused(tmp_path: Path) -> None:
 class SlowCas(CountingCas):
     """Streams large blobs at about 200 KB/s: a 2 MB input takes ten seconds to arrive."""
 
-    async def Read(
-        self, request: bs_pb2.ReadRequest, context: object
-    ) -> AsyncIterator[bs_pb2.ReadResponse]:
-        hash_, size = request.resource_name.split("/")[-2:]
-        digest = Digest(hash_, int(size))
-        self.reads[digest] += 1
-        data = self.blobs[digest]
-        for start in range(0, len(data), 10_000):
-            await asyncio.sleep(0.05)
-            yield bs_pb2.ReadResponse(data=data[start : start + 10_000])
+    CHUNK_PAUSE_S = 0.05
 
 
 def test_a_lease_cancelled_while_its_inputs_download_stops_the_download(tmp_path: Path) -> None:
